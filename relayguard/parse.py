@@ -1,0 +1,450 @@
+"""Log lines -> Hits. Pure: no I/O but reading the packaged rule files; shared by `scan` and the daemon.
+
+Speed comes from not looking at most lines. Every rule names (or has derived from its regex) a
+literal that must occur in a matching line; all literals go into one multi-pattern scan over a
+whole block of bytes (Hyperscan where available, RE2 otherwise), and only the lines they hit are
+decoded, split into syslog header and message, and matched with that rule's RE2 regex. RE2 runs
+in linear time, so no log line can make a rule backtrack for seconds.
+
+A rule's regex is matched against the *message* (what follows `program[pid]: `), only for the
+programs its pack owns, and must take the client address from a named group `addr` anchored at
+a place the server writes itself: attacker text (HELO, MAIL FROM, user names) never reaches it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import tomllib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import re2
+
+from relayguard.model import Hit, canonical_addr
+
+try:  # Hyperscan has wheels for x86_64 only; RE2 alone is slower but equivalent.
+    import hyperscan
+except ImportError:  # pragma: no cover - depends on the platform
+    hyperscan = None
+
+MAX_LINE = 64 * 1024  # longer lines are skipped and counted, never matched
+PACK_NAMES = ("postfix", "exim", "sendmail", "dovecot", "opensmtpd", "sshd")
+
+_RE2_OPTS = re2.Options()
+_RE2_OPTS.max_mem = 64 << 20
+
+
+class PackError(ValueError):
+    """A rule pack that cannot be used, phrased for the admin: file, rule, problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str  # "pack/rule"
+    service: str
+    weight: int
+    why: str
+    regex: re2._Regexp  # on the message; has a named group `addr`
+    literal: str  # occurs in every line the regex matches: the prefilter key
+    caseless: bool = False
+    group: str | None = None
+    distinct: str | None = None  # named group whose distinct values count (repeats weigh less)
+    repeat_weight: int | None = None
+    program: re.Pattern[str] | None = None  # narrows the pack's programs
+
+
+@dataclass(frozen=True, slots=True)
+class RulePack:
+    name: str
+    description: str
+    programs: re.Pattern[str]  # syslog program names (tag before [pid]) this pack reads
+    rules: tuple[Rule, ...]
+
+
+# ----------------------------------------------------------------------------- loading packs
+
+
+def load_pack(name_or_path: str) -> RulePack:
+    """A packaged pack by name (`postfix`) or a pack file by path (`/etc/relayguard/rules.d/x.toml`)."""
+    if "/" in name_or_path or name_or_path.endswith(".toml"):
+        file = Path(name_or_path)
+        text = file.read_text(encoding="utf-8")
+    else:
+        if name_or_path not in PACK_NAMES:
+            raise PackError(f"unknown rule pack {name_or_path!r}; known: {', '.join(PACK_NAMES)}")
+        res = resources.files("relayguard.rules").joinpath(f"{name_or_path}.toml")
+        file = Path(str(res))
+        text = res.read_text(encoding="utf-8")
+    return _build_pack(file.name, tomllib.loads(text))
+
+
+def _build_pack(file: str, data: dict) -> RulePack:
+    name = data.get("name") or file.removesuffix(".toml")
+    try:
+        programs = re.compile(data["programs"])
+    except (KeyError, re.error) as e:
+        raise PackError(f"{file}: `programs` must be a regex of syslog program names ({e})") from None
+    rules = []
+    seen = set()
+    for raw in data.get("rule", []):
+        rule = _build_rule(file, name, raw)
+        if rule.id in seen:
+            raise PackError(f"{file}: rule id {rule.id!r} appears twice")
+        seen.add(rule.id)
+        rules.append(rule)
+    if not rules:
+        raise PackError(f"{file}: no [[rule]] entries")
+    return RulePack(name=name, description=data.get("description", ""), programs=programs, rules=tuple(rules))
+
+
+def _build_rule(file: str, pack: str, raw: dict) -> Rule:
+    rid = raw.get("id", "?")
+    where = f"{file}: rule {rid!r}"
+    for key in ("id", "service", "weight", "why", "regex"):
+        if key not in raw:
+            raise PackError(f"{where}: missing key {key!r}")
+    pattern = raw["regex"]
+    try:
+        rx = re2.compile(pattern, options=_RE2_OPTS)
+    except re2.error as e:
+        raise PackError(f"{where}: regex does not compile: {e}") from None
+    if "addr" not in rx.groupindex:
+        raise PackError(f"{where}: regex needs a named group (?P<addr>...) for the client address")
+    distinct = raw.get("distinct")
+    if distinct and distinct not in rx.groupindex:
+        raise PackError(f"{where}: distinct = {distinct!r} names no group of the regex")
+    literal, caseless = raw.get("literal"), False
+    if literal is None:
+        literal, caseless = required_literal(pattern)
+    if len(literal) < 4:
+        raise PackError(f"{where}: no literal of 4+ characters that every match contains; add `literal = \"...\"`")
+    program = raw.get("program")
+    return Rule(
+        id=f"{pack}/{rid}",
+        service=raw["service"],
+        weight=int(raw["weight"]),
+        why=raw["why"],
+        regex=rx,
+        literal=literal,
+        caseless=caseless,
+        group=raw.get("group"),
+        distinct=distinct,
+        repeat_weight=raw.get("repeat_weight"),
+        program=re.compile(program) if program else None,
+    )
+
+
+def required_literal(pattern: str) -> tuple[str, bool]:
+    """The longest run of literal characters that every match of `pattern` must contain.
+
+    Walks Python's own parse of the regex: only top-level sequences (and groups or repeats of
+    at least one) are required; alternations and optional parts are not.
+    """
+    from re import _constants as c  # type: ignore[attr-defined]
+    from re import _parser as p  # type: ignore[attr-defined]
+
+    parsed = p.parse(pattern)
+    caseless = bool(parsed.state.flags & re.IGNORECASE)
+    best, run = "", []
+
+    def flush() -> None:
+        nonlocal best
+        s = "".join(run)
+        if len(s) > len(best):
+            best = s
+        run.clear()
+
+    def walk(seq: Iterable) -> None:
+        for op, av in seq:
+            if op is c.LITERAL:
+                run.append(chr(av))
+            elif op is c.SUBPATTERN:
+                walk(av[3])
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[0] >= 1:
+                flush()
+                walk(av[2])
+                flush()
+            else:
+                flush()
+
+    walk(parsed)
+    flush()
+    return best, caseless
+
+
+# ----------------------------------------------------------------------------- syslog headers
+
+_MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
+                                       "Oct", "Nov", "Dec"), 1)}
+_TAG = r"(?P<prog>[^\s\[\]:]+)(?:\[(?P<pid>\d+)\])?: "
+# Classic BSD syslog (rsyslog's traditional format, journalctl's "short").
+_CLASSIC = re.compile(r"(?P<ts>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)(?:\.\d+)? (?P<host>\S+) " + _TAG)
+# RFC 3339: rsyslog's high-precision default on Debian 12, journalctl short-iso(-precise).
+_ISO = re.compile(r"(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?) (?P<host>\S+) " + _TAG)
+# RFC 5424: <PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD]|- MSG
+_5424 = re.compile(r"<\d{1,3}>1 (?P<ts>\S+) (?P<host>\S+) (?P<prog>\S+) (?P<pid>\S+) \S+ "
+                   r"(?:-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: \ufeff?|$)")
+# Exim's own mainlog: 2026-12-03 00:00:01[.mmm] [+0000] [[pid]] message
+_EXIM = re.compile(r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.\d+)?(?: (?P<tz>[+-]\d{4}))?(?: \[(?P<pid>\d+)\])? ")
+
+
+@dataclass(slots=True)
+class Clock:
+    """Turns header timestamps into epoch seconds.
+
+    Classic syslog has neither year nor zone: the zone is the local one (as rsyslog wrote it),
+    and the year is the reference year, minus one for months after the reference month (a
+    December line read in January).
+    """
+
+    ref: float = field(default_factory=time.time)
+    _ref_year: int = 0
+    _ref_mon: int = 0
+    _cache: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = time.localtime(self.ref)
+        self._ref_year, self._ref_mon = t.tm_year, t.tm_mon
+
+    def classic(self, ts: str) -> float:
+        v = self._cache.get(ts)
+        if v is None:
+            mon = _MONTHS[ts[:3]]
+            year = self._ref_year - 1 if mon > self._ref_mon else self._ref_year
+            hh, mm, ss = int(ts[7:9]), int(ts[10:12]), int(ts[13:15])
+            v = time.mktime((year, mon, int(ts[4:6]), hh, mm, ss, 0, 0, -1))
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[ts] = v
+        return v
+
+    @staticmethod
+    def iso(ts: str) -> float:
+        d = datetime.fromisoformat(ts)
+        return d.timestamp()  # naive (no offset) means local time, as written
+
+    def exim(self, ts: str, tz: str | None) -> float:
+        return datetime.fromisoformat(ts.replace(" ", "T") + (tz or "")).timestamp()
+
+
+def split_header(line: str, clock: Clock) -> tuple[float, str, int] | None:
+    """(time, program, offset of the message) of a syslog or Exim mainlog line, or None."""
+    c0 = line[:1]
+    if c0.isalpha():
+        m = _CLASSIC.match(line)
+        if m:
+            try:
+                return clock.classic(m.group("ts")), m.group("prog"), m.end()
+            except (KeyError, ValueError, OverflowError):
+                return None
+        return None
+    if c0.isdigit():
+        m = _ISO.match(line)
+        if m:
+            try:
+                return Clock.iso(m.group("ts")), m.group("prog"), m.end()
+            except ValueError:
+                return None
+        m = _EXIM.match(line)
+        if m:
+            try:
+                return clock.exim(m.group("ts"), m.group("tz")), "exim", m.end()
+            except ValueError:
+                return None
+        return None
+    if c0 == "<":
+        m = _5424.match(line)
+        if m:
+            try:
+                return Clock.iso(m.group("ts")), m.group("prog"), m.end()
+            except ValueError:
+                return None
+    return None
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+@dataclass(slots=True)
+class Counters:
+    lines: int = 0  # lines seen
+    candidates: int = 0  # lines the prefilter picked
+    hits: int = 0
+    garbage: int = 0  # candidate lines that are not log lines, or over MAX_LINE
+    by_rule: dict[str, int] = field(default_factory=dict)
+
+
+class Matcher:
+    """Matches lines against a set of packs; each pack only sees lines of its own programs."""
+
+    def __init__(self, packs: Sequence[RulePack], clock: Clock | None = None) -> None:
+        self.packs = tuple(packs)
+        self.clock = clock or Clock()
+        self.rules: list[Rule] = [r for p in self.packs for r in p.rules]
+        self._pack_of = {r.id: p for p in self.packs for r in p.rules}
+        self._by_program: dict[str, tuple[Rule, ...]] = {}
+        self.counters = Counters()
+        self._prefilter = _Prefilter(self.rules)
+
+    # -- one line (the daemon, tests, `why`)
+    def match(self, line: str, source: str = "", lineno: int = 0) -> list[Hit]:
+        return self._match_text(line, source, lineno, None)
+
+    def rules_for(self, program: str) -> tuple[Rule, ...]:
+        rules = self._by_program.get(program)
+        if rules is None:
+            rules = tuple(
+                r for r in self.rules
+                if self._pack_of[r.id].programs.search(program) and (r.program is None or r.program.search(program))
+            )
+            if len(self._by_program) < 4096:
+                self._by_program[program] = rules
+        return rules
+
+    def _match_text(self, line: str, source: str, lineno: int, only: set[int] | None) -> list[Hit]:
+        head = split_header(line, self.clock)
+        if head is None:
+            self.counters.garbage += 1
+            return []
+        ts, prog, start = head
+        msg = line[start:]
+        hits = []
+        for rule in self.rules_for(prog):
+            if only is not None and id(rule) not in only:
+                continue
+            m = rule.regex.search(msg)
+            if m is None:
+                continue
+            addr = canonical_addr(m.group("addr"))
+            if addr is None:
+                continue
+            key = None
+            if rule.distinct:
+                key = m.group(rule.distinct) or ""
+            hits.append(Hit(ts, addr, rule.id, rule.service, rule.weight, source, lineno, line,
+                            rule.group, key, rule.repeat_weight))
+            self.counters.by_rule[rule.id] = self.counters.by_rule.get(rule.id, 0) + 1
+        self.counters.hits += len(hits)
+        return hits
+
+    # -- whole blocks (scan, the daemon's tailer)
+    def scan(self, block: bytes, source: str = "", first_lineno: int = 1) -> Iterator[Hit]:
+        """Hits in `block`, which holds whole lines (a trailing partial line is the caller's).
+
+        Line numbers count from `first_lineno` for the first line of the block.
+        """
+        nl = block.count(b"\n")
+        self.counters.lines += nl + (0 if not block or block.endswith(b"\n") else 1)
+        long_spans = _long_lines(block)
+        pos_line, lineno = 0, first_lineno
+        for start, end, rule_ids in self._prefilter.lines(block):
+            if start < pos_line:
+                continue
+            lineno += block.count(b"\n", pos_line, start)
+            pos_line = start
+            self.counters.candidates += 1
+            if long_spans and _inside(long_spans, start):
+                continue  # counted once below
+            text = block[start:end].decode("utf-8", "replace")
+            yield from self._match_text(text, source, lineno, rule_ids)
+        self.counters.garbage += len(long_spans)
+
+
+def _long_lines(block: bytes) -> list[tuple[int, int]]:
+    """Spans of lines longer than MAX_LINE; cheap (one find per 64 KiB) when there are none."""
+    spans: list[tuple[int, int]] = []
+    i, n = 0, len(block)
+    while i + MAX_LINE < n:
+        j = block.find(b"\n", i, i + MAX_LINE + 1)
+        if j >= 0:
+            i = j + 1
+            continue
+        s = block.rfind(b"\n", 0, i) + 1
+        e = block.find(b"\n", i)
+        e = n if e < 0 else e
+        spans.append((s, e))
+        i = e + 1
+    return spans
+
+
+def _inside(spans: list[tuple[int, int]], pos: int) -> bool:
+    return any(s <= pos <= e for s, e in spans)
+
+
+class _Prefilter:
+    """One pass over a block for every rule's literal; yields candidate lines with the rules hit."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+        lits: dict[tuple[str, bool], list[int]] = {}
+        for r in self.rules:
+            lits.setdefault((r.literal, r.caseless), []).append(id(r))
+        self.keys = list(lits)
+        self.rule_ids = [set(lits[k]) for k in self.keys]
+        self._db = None
+        if hyperscan is not None and self.keys:
+            db = hyperscan.Database()
+            db.compile(
+                expressions=[re.escape(lit).encode() for lit, _ in self.keys],
+                ids=list(range(len(self.keys))),
+                elements=len(self.keys),
+                flags=[hyperscan.HS_FLAG_CASELESS if ci else 0 for _, ci in self.keys],
+            )
+            self._db = db
+            self._scratch = hyperscan.Scratch(db)
+        else:
+            alt = "|".join(
+                f"(?i:{re.escape(lit)})" if ci else re.escape(lit) for lit, ci in self.keys
+            ) or "(?!)"
+            self._rx = re2.compile(alt.encode("latin-1", "backslashreplace"), options=_RE2_OPTS)
+
+    def _ends(self, block: bytes) -> list[tuple[int, int]]:
+        """(end offset, literal index) of every literal occurrence, in order."""
+        if self._db is not None:
+            found: list[tuple[int, int]] = []
+            add = found.append
+
+            def on_match(idx: int, _from: int, to: int, _flags: int, _ctx: object) -> None:
+                add((to, idx))
+
+            self._db.scan(block, match_event_handler=on_match, scratch=self._scratch)
+            return found
+        out = []
+        for m in self._rx.finditer(block):
+            text = m.group(0).decode("latin-1")
+            for i, (lit, ci) in enumerate(self.keys):
+                if text == lit or (ci and text.lower() == lit.lower()):
+                    out.append((m.end(), i))
+                    break
+        return out
+
+    def lines(self, block: bytes) -> Iterator[tuple[int, int, set[int]]]:
+        """(line start, line end, ids of rules whose literal occurs in it) per candidate line."""
+        cur_start = cur_end = -1
+        cur: set[int] = set()
+        for to, idx in self._ends(block):
+            if to > cur_end:
+                if cur_end >= 0:
+                    yield cur_start, cur_end, cur
+                cur_start = block.rfind(b"\n", 0, to) + 1
+                e = block.find(b"\n", to)
+                cur_end = len(block) if e < 0 else e
+                cur = set(self.rule_ids[idx])
+            else:
+                cur = cur | self.rule_ids[idx]
+        if cur_end >= 0:
+            yield cur_start, cur_end, cur
+
+
+def load_packs(names: Iterable[str]) -> list[RulePack]:
+    return [load_pack(n) for n in names]
+
+
+def match(pack: RulePack, line: str) -> Hit | None:
+    """The first hit of `pack` on one line (the shape tests and `relayguard why` want)."""
+    hits = Matcher([pack]).match(line)
+    return hits[0] if hits else None
