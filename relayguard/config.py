@@ -8,6 +8,7 @@ the key path; the checks it cannot know (durations, CIDRs, pack names) run in `d
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -145,6 +146,8 @@ _FIXES = {
     "Expected `float`": "write a number",
     "Expected `str` matching": "use one of the values listed",
     "Invalid enum value": "use one of the values listed",
+    "not a duration": 'write a duration like 600, "10m", "1h" or "2d"',
+    "not an IP address": 'write an address or prefix like "192.0.2.7" or "2001:db8::/32"',
 }
 
 
@@ -154,12 +157,23 @@ def _explain(file: str, err: msgspec.ValidationError) -> ConfigError:
     path = (m.group("path") or "") if m else ""
     key = re.sub(r"\[(\d+)\]", lambda g: f"[{int(g.group(1)) + 1}]", path.lstrip(".")) or "(top level)"
     field = re.search(r"unknown field `([^`]+)`", msg)
-    if field:
-        key = f"{key}.{field.group(1)}" if key != "(top level)" else field.group(1)
     fix = next((f for k, f in _FIXES.items() if k in msg), "see etc/relayguard.toml for the accepted values")
+    if field:
+        name = field.group(1)
+        known = _known_keys(key)
+        key = f"{key}.{name}" if key != "(top level)" else name
+        msg = "unknown key"
+        close = difflib.get_close_matches(name, known, n=1)
+        fix = f"did you mean {close[0]!r}?" if close else f"remove it; known keys here: {', '.join(known)}"
     if "Invalid enum value" in msg:
         msg = msg + " (allowed: " + _allowed(key) + ")"
     return ConfigError(f"{file}: {key}: {msg}; fix: {fix}")
+
+
+def _known_keys(section: str) -> list[str]:
+    struct = {"daemon": Daemon, "scoring": Scoring}.get(section.split("[")[0], Source if "source" in section
+                                                          else Settings)
+    return [f for f in struct.__struct_fields__ if f != "path" or struct is not Settings]
 
 
 def _allowed(key: str) -> str:

@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import NamedTuple
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One log line turned into evidence against one client address."""
+class Hit(NamedTuple):
+    """One log line turned into evidence against one client address.
+
+    A NamedTuple rather than a frozen dataclass: it is built once per matching log line, and
+    tuples are four times cheaper to make.
+    """
 
     ts: float  # event time from the log line
     addr: str  # canonical client address (see canonical_addr)

@@ -32,6 +32,9 @@ except ImportError:  # pragma: no cover - depends on the platform
     hyperscan = None
 
 MAX_LINE = 64 * 1024  # longer lines are skipped and counted, never matched
+# Messages up to this length go through Python's re (fast to call); longer ones through RE2,
+# whose run time is linear in the input whatever the regex, so no line can make a rule backtrack.
+_SHORT = 1024
 PACK_NAMES = ("postfix", "exim", "sendmail", "dovecot", "opensmtpd", "sshd")
 
 _RE2_OPTS = re2.Options()
@@ -42,13 +45,14 @@ class PackError(ValueError):
     """A rule pack that cannot be used, phrased for the admin: file, rule, problem."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity hash: rules live in sets on the hot path
 class Rule:
     id: str  # "pack/rule"
     service: str
     weight: int
     why: str
-    regex: re2._Regexp  # on the message; has a named group `addr`
+    regex: re.Pattern[str]  # on the message; has a named group `addr`
+    linear: re2._Regexp  # the same regex in RE2, for long lines where backtracking could bite
     literal: str  # occurs in every line the regex matches: the prefilter key
     caseless: bool = False
     group: str | None = None
@@ -109,9 +113,10 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
             raise PackError(f"{where}: missing key {key!r}")
     pattern = raw["regex"]
     try:
-        rx = re2.compile(pattern, options=_RE2_OPTS)
-    except re2.error as e:
-        raise PackError(f"{where}: regex does not compile: {e}") from None
+        rx = re.compile(pattern)
+        linear = re2.compile(pattern, options=_RE2_OPTS)
+    except (re.error, re2.error) as e:
+        raise PackError(f"{where}: regex does not compile (it must be valid for both re and RE2): {e}") from None
     if "addr" not in rx.groupindex:
         raise PackError(f"{where}: regex needs a named group (?P<addr>...) for the client address")
     distinct = raw.get("distinct")
@@ -129,6 +134,7 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         weight=int(raw["weight"]),
         why=raw["why"],
         regex=rx,
+        linear=linear,
         literal=literal,
         caseless=caseless,
         group=raw.get("group"),
@@ -238,7 +244,8 @@ def split_header(line: str, clock: Clock) -> tuple[float, str, int] | None:
         m = _CLASSIC.match(line)
         if m:
             try:
-                return clock.classic(m.group("ts")), m.group("prog"), m.end()
+                ts, prog = m.group("ts", "prog")
+                return clock.classic(ts), prog, m.end()
             except (KeyError, ValueError, OverflowError):
                 return None
         return None
@@ -246,7 +253,8 @@ def split_header(line: str, clock: Clock) -> tuple[float, str, int] | None:
         m = _ISO.match(line)
         if m:
             try:
-                return Clock.iso(m.group("ts")), m.group("prog"), m.end()
+                ts, prog = m.group("ts", "prog")
+                return Clock.iso(ts), prog, m.end()
             except ValueError:
                 return None
         m = _EXIM.match(line)
@@ -281,23 +289,24 @@ class Counters:
 class Matcher:
     """Matches lines against a set of packs; each pack only sees lines of its own programs."""
 
-    def __init__(self, packs: Sequence[RulePack], clock: Clock | None = None) -> None:
+    def __init__(self, packs: Sequence[RulePack], clock: Clock | None = None, keep_text: bool = True) -> None:
         self.packs = tuple(packs)
         self.clock = clock or Clock()
+        self.keep_text = keep_text  # `scan` does not need the line in every Hit; `why` does
         self.rules: list[Rule] = [r for p in self.packs for r in p.rules]
         self._pack_of = {r.id: p for p in self.packs for r in p.rules}
-        self._by_program: dict[str, tuple[Rule, ...]] = {}
+        self._by_program: dict[str, frozenset[Rule]] = {}
         self.counters = Counters()
         self._prefilter = _Prefilter(self.rules)
 
     # -- one line (the daemon, tests, `why`)
     def match(self, line: str, source: str = "", lineno: int = 0) -> list[Hit]:
-        return self._match_text(line, source, lineno, None)
+        return self._match_text(line, source, lineno, self.rules)
 
-    def rules_for(self, program: str) -> tuple[Rule, ...]:
+    def rules_for(self, program: str) -> frozenset[Rule]:
         rules = self._by_program.get(program)
         if rules is None:
-            rules = tuple(
+            rules = frozenset(
                 r for r in self.rules
                 if self._pack_of[r.id].programs.search(program) and (r.program is None or r.program.search(program))
             )
@@ -305,53 +314,59 @@ class Matcher:
                 self._by_program[program] = rules
         return rules
 
-    def _match_text(self, line: str, source: str, lineno: int, only: set[int] | None) -> list[Hit]:
+    def _match_text(self, line: str, source: str, lineno: int, candidates: Iterable[Rule]) -> list[Hit]:
         head = split_header(line, self.clock)
         if head is None:
             self.counters.garbage += 1
             return []
         ts, prog, start = head
         msg = line[start:]
+        allowed = self.rules_for(prog)
+        long_line = len(msg) > _SHORT
         hits = []
-        for rule in self.rules_for(prog):
-            if only is not None and id(rule) not in only:
+        for rule in candidates:
+            if rule not in allowed:
                 continue
-            m = rule.regex.search(msg)
+            m = (rule.linear if long_line else rule.regex).search(msg)
             if m is None:
                 continue
             addr = canonical_addr(m.group("addr"))
             if addr is None:
                 continue
-            key = None
-            if rule.distinct:
-                key = m.group(rule.distinct) or ""
-            hits.append(Hit(ts, addr, rule.id, rule.service, rule.weight, source, lineno, line,
-                            rule.group, key, rule.repeat_weight))
-            self.counters.by_rule[rule.id] = self.counters.by_rule.get(rule.id, 0) + 1
+            key = (m.group(rule.distinct) or "") if rule.distinct else None
+            hits.append(Hit(ts, addr, rule.id, rule.service, rule.weight, source, lineno,
+                            line if self.keep_text else "", rule.group, key, rule.repeat_weight))
+            by_rule = self.counters.by_rule
+            by_rule[rule.id] = by_rule.get(rule.id, 0) + 1
         self.counters.hits += len(hits)
         return hits
 
     # -- whole blocks (scan, the daemon's tailer)
-    def scan(self, block: bytes, source: str = "", first_lineno: int = 1) -> Iterator[Hit]:
+    def scan(self, block: bytes, source: str = "", first_lineno: int = 1, numbered: bool = True) -> Iterator[Hit]:
         """Hits in `block`, which holds whole lines (a trailing partial line is the caller's).
 
-        Line numbers count from `first_lineno` for the first line of the block.
+        Line numbers count from `first_lineno` for the first line of the block; with
+        numbered=False they are left 0, which saves a count over the block per candidate.
         """
         nl = block.count(b"\n")
         self.counters.lines += nl + (0 if not block or block.endswith(b"\n") else 1)
         long_spans = _long_lines(block)
+        self.counters.garbage += len(long_spans)
         pos_line, lineno = 0, first_lineno
-        for start, end, rule_ids in self._prefilter.lines(block):
-            if start < pos_line:
-                continue
-            lineno += block.count(b"\n", pos_line, start)
-            pos_line = start
+        count = block.count
+        if not numbered:
+            lineno = 0
+        for start, end, rules in self._prefilter.lines(block):
+            if numbered:
+                lineno += count(b"\n", pos_line, start)
+                pos_line = start
             self.counters.candidates += 1
             if long_spans and _inside(long_spans, start):
-                continue  # counted once below
+                continue  # counted above
             text = block[start:end].decode("utf-8", "replace")
-            yield from self._match_text(text, source, lineno, rule_ids)
-        self.counters.garbage += len(long_spans)
+            hits = self._match_text(text, source, lineno, rules)
+            if hits:
+                yield from hits
 
 
 def _long_lines(block: bytes) -> list[tuple[int, int]]:
@@ -380,11 +395,11 @@ class _Prefilter:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = list(rules)
-        lits: dict[tuple[str, bool], list[int]] = {}
+        lits: dict[tuple[str, bool], list[Rule]] = {}
         for r in self.rules:
-            lits.setdefault((r.literal, r.caseless), []).append(id(r))
+            lits.setdefault((r.literal, r.caseless), []).append(r)
         self.keys = list(lits)
-        self.rule_ids = [set(lits[k]) for k in self.keys]
+        self.rules_of = [tuple(lits[k]) for k in self.keys]
         self._db = None
         if hyperscan is not None and self.keys:
             db = hyperscan.Database()
@@ -422,10 +437,11 @@ class _Prefilter:
                     break
         return out
 
-    def lines(self, block: bytes) -> Iterator[tuple[int, int, set[int]]]:
-        """(line start, line end, ids of rules whose literal occurs in it) per candidate line."""
+    def lines(self, block: bytes) -> Iterator[tuple[int, int, tuple[Rule, ...]]]:
+        """(line start, line end, rules whose literal occurs in it) per candidate line, in order."""
         cur_start = cur_end = -1
-        cur: set[int] = set()
+        cur: tuple[Rule, ...] = ()
+        rules_of = self.rules_of
         for to, idx in self._ends(block):
             if to > cur_end:
                 if cur_end >= 0:
@@ -433,9 +449,9 @@ class _Prefilter:
                 cur_start = block.rfind(b"\n", 0, to) + 1
                 e = block.find(b"\n", to)
                 cur_end = len(block) if e < 0 else e
-                cur = set(self.rule_ids[idx])
-            else:
-                cur = cur | self.rule_ids[idx]
+                cur = rules_of[idx]
+            elif rules_of[idx] is not cur:
+                cur = tuple(dict.fromkeys(cur + rules_of[idx]))
         if cur_end >= 0:
             yield cur_start, cur_end, cur
 
