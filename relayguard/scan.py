@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from relayguard.decide import Allowlist, History, Policy, decide
 from relayguard.model import Hit
-from relayguard.parse import Clock, Matcher, RulePack
+from relayguard.parse import Clock, Counters, Matcher, RulePack
 from relayguard.score import Scorer, Window
 
 BLOCK = 8 << 20
@@ -76,6 +77,100 @@ def blocks(fh: BinaryIO, size: int = BLOCK) -> Iterator[tuple[bytes, int]]:
         yield rest + b"\n", lineno
 
 
+PARALLEL_MIN = 32 << 20  # below this a second process costs more than it saves
+HEAD_SHARE = 0.42  # the parent also scores, so the child parses the larger part
+
+
+def _split_point(path: str) -> int | None:
+    """Where to cut a big plain log between two processes (at a line start), or None."""
+    if (os.cpu_count() or 1) < 2 or not hasattr(os, "fork"):
+        return None
+    size = os.path.getsize(path)
+    if size < PARALLEL_MIN:
+        return None
+    with open(path, "rb") as fh:
+        if fh.read(2) == b"\x1f\x8b":
+            return None
+        fh.seek(int(size * HEAD_SHARE))
+        fh.readline()
+        return fh.tell()
+
+
+class _Limited:
+    """A binary file read only up to `end`."""
+
+    def __init__(self, fh: BinaryIO, end: int) -> None:
+        self.fh, self.left = fh, end - fh.tell()
+
+    def read(self, n: int) -> bytes:
+        data = self.fh.read(min(n, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+class _TailParser:
+    """Parses [split, EOF) of a file in a forked child; hits come back pickled through a pipe."""
+
+    def __init__(self, packs: Sequence[RulePack], clock: Clock, path: str, split: int, numbered: bool) -> None:
+        self.args = (packs, clock, path, split, numbered)
+        self.counters = Counters()
+        self.pid = 0
+        self.rd: BinaryIO | None = None
+
+    def __enter__(self) -> _TailParser:
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child: never returns
+            os.close(r)
+            code = 0
+            try:
+                with os.fdopen(w, "wb", buffering=1 << 20) as out:
+                    self._child(out)
+            except BaseException:  # reported through the exit status
+                code = 1
+            os._exit(code)
+        os.close(w)
+        self.rd = os.fdopen(r, "rb", buffering=1 << 20)
+        return self
+
+    def _child(self, out: BinaryIO) -> None:
+        packs, clock, path, split, numbered = self.args
+        matcher = Matcher(packs, clock, keep_text=False)
+        with open(path, "rb") as fh:
+            first = 1 + (_count_lines(fh, split) if numbered else 0)
+            fh.seek(split)
+            # Collect first, send once: writing while parsing would block on the full pipe
+            # until the parent is done with the head.
+            found = [tuple(hit) for block, n in blocks(fh)
+                     for hit in matcher.scan(block, path, first + n - 1, numbered)]
+        pickle.dump((found, matcher.counters), out, pickle.HIGHEST_PROTOCOL)
+
+    def hits(self) -> Iterator[Hit]:
+        assert self.rd is not None
+        found, self.counters = pickle.load(self.rd)
+        make = Hit._make
+        for t in found:
+            yield make(t)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.rd is not None:
+            self.rd.close()
+        _, status = os.waitpid(self.pid, 0)
+        if status != 0 and exc[0] is None:
+            raise OSError(f"parser process failed (status {status})")
+
+
+def _count_lines(fh: BinaryIO, end: int) -> int:
+    n, left = 0, end
+    while left > 0:
+        data = fh.read(min(BLOCK, left))
+        if not data:
+            break
+        n += data.count(b"\n")
+        left -= len(data)
+    return n
+
+
 class Replay:
     """parse -> score -> decide over files, on event time."""
 
@@ -94,14 +189,31 @@ class Replay:
 
     def run(self, path: str) -> None:
         clock = Clock(ref=os.stat(path).st_mtime)
-        matcher = Matcher(self.packs, clock, keep_text=False)
         numbered = self.on_hit is not None  # only event listings show line numbers
         feed = self.feed
-        with open_log(path) as fh:
-            for block, first in blocks(fh):
-                for hit in matcher.scan(block, path, first, numbered):
-                    feed(hit)
-        c = matcher.counters
+        split = _split_point(path)
+        if split is None:
+            matcher = Matcher(self.packs, clock, keep_text=False)
+            with open_log(path) as fh:
+                for block, first in blocks(fh):
+                    for hit in matcher.scan(block, path, first, numbered):
+                        feed(hit)
+            self._count(matcher.counters)
+            return
+        # Big plain file: a child parses the tail while we parse and score the head, then we
+        # score the child's hits. Scoring stays in one process and in file order.
+        with _TailParser(self.packs, clock, path, split, numbered) as tail:
+            matcher = Matcher(self.packs, clock, keep_text=False)
+            with open(path, "rb") as fh:
+                for block, first in blocks(_Limited(fh, split)):
+                    for hit in matcher.scan(block, path, first, numbered):
+                        feed(hit)
+            self._count(matcher.counters)
+            for hit in tail.hits():
+                feed(hit)
+            self._count(tail.counters)
+
+    def _count(self, c: Counters) -> None:
         self.lines += c.lines
         self.hits += c.hits
         self.garbage += c.garbage

@@ -126,6 +126,9 @@ class Scorer:
         self.span = self.windows[-1].seconds
         self.max_tracked = max_tracked
         self._tracks: OrderedDict[str, _Track] = OrderedDict()  # least recently seen first
+        # Credits of addresses with nothing against them, parked cheaply: on a busy MX most
+        # accepted messages come from clients that never earn a weight.
+        self._credits: OrderedDict[str, list[Hit]] = OrderedDict()
         self.clock = float("-inf")  # newest event time seen
         self._swept = float("-inf")  # clock at the last sweep of stale addresses
         self.dropped = 0  # addresses forgotten to keep memory bounded
@@ -142,10 +145,16 @@ class Scorer:
         tracks = self._tracks
         tr = tracks.get(hit.addr)
         if tr is None:
+            if hit.weight < 0:
+                self._park(hit)
+                return None
             tr = _Track(len(self.windows))
             tracks[hit.addr] = tr
             if len(tracks) > self.max_tracked:
                 self._evict_one()
+            parked = self._credits.pop(hit.addr, None)
+            if parked:
+                self._unpark(hit.addr, tr, parked, hit.ts)
         else:
             tracks.move_to_end(hit.addr)
         ev = _Event(hit)
@@ -180,6 +189,27 @@ class Scorer:
 
     def reset(self, addr: str) -> None:
         self._tracks.pop(addr, None)
+        self._credits.pop(addr, None)
+
+    def _park(self, hit: Hit) -> None:
+        parked = self._credits.get(hit.addr)
+        if parked is None:
+            self._credits[hit.addr] = [hit]
+            if len(self._credits) > self.max_tracked:
+                self._credits.popitem(last=False)
+        else:
+            parked.append(hit)
+            self._credits.move_to_end(hit.addr)
+            if len(parked) > 4096:  # only their sum inside the window matters; keep the newest
+                del parked[:2048]
+
+    def _unpark(self, addr: str, tr: _Track, parked: list[Hit], now: float) -> None:
+        """Feeds parked credits still inside the longest window into a new track, oldest first."""
+        for credit in sorted(parked, key=lambda h: h.ts):
+            if credit.ts > now - self.span:
+                ev = _Event(credit)
+                tr.events.append(ev)
+                self._advance(addr, tr, ev)
 
     # -- internals
 
@@ -238,6 +268,12 @@ class Scorer:
             if tr.events and tr.events[-1].ts > horizon:
                 break
             del tracks[addr]
+        credits = self._credits
+        while credits:
+            addr, parked = next(iter(credits.items()))
+            if parked[-1].ts > horizon:
+                break
+            del credits[addr]
 
     def _evict_one(self) -> None:
         self._tracks.popitem(last=False)
