@@ -170,6 +170,27 @@ def _print_offenders(result) -> None:
         click.echo(f"{o.ip:<{w}}  {o.score:5d}  {o.events:6d}  {iso(o.first)}  {iso(o.last)}  {ban:<6} {rules}")
 
 
+# ----------------------------------------------------------------------------- the daemon
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config file.")
+def run(config_path: str | None) -> None:
+    """Run the daemon in the foreground (what the systemd unit starts).
+
+    SIGHUP reloads the config, SIGTERM stops cleanly; bans stay in the kernel and the database.
+
+    \b
+    Example:
+      relayguard run --config /etc/relayguard/relayguard.toml
+    """
+    from relayguard import daemon, log
+
+    settings = _settings(config_path, required=True)
+    log.configure(settings.daemon.log_format, settings.daemon.log_level)
+    sys.exit(daemon.run(settings, config_path))
+
+
 # ----------------------------------------------------------------------------- config
 
 

@@ -213,8 +213,15 @@ class Clock:
     _cache: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        t = time.localtime(self.ref)
-        self._ref_year, self._ref_mon = t.tm_year, t.tm_mon
+        self.refresh(self.ref)
+
+    def refresh(self, ref: float) -> None:
+        """A new reference time (the daemon calls this as the days pass, so New Year works)."""
+        self.ref = ref
+        t = time.localtime(ref)
+        if (t.tm_year, t.tm_mon) != (self._ref_year, self._ref_mon):
+            self._ref_year, self._ref_mon = t.tm_year, t.tm_mon
+            self._cache.clear()
 
     def classic(self, ts: str) -> float:
         v = self._cache.get(ts)

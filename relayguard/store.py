@@ -14,6 +14,7 @@ a time), so there is one connection (StaticPool, check_same_thread=False) and no
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import sqlite3
@@ -122,6 +123,7 @@ offsets_t = Table(
     Column("inode", Integer, nullable=False),
     Column("offset", Integer, nullable=False),
     Column("head_hash", Text, nullable=False),
+    Column("lineno", Integer, nullable=False, server_default="0"),  # lines before offset
     Column("updated", REAL, nullable=False),
 )
 cursor_t = Table(
@@ -231,24 +233,8 @@ class Store:
     def add_hits(self, hits: Sequence[Hit]) -> None:
         if not hits:
             return
-        rows = [
-            {
-                "ts": h.ts,
-                "addr": h.addr,
-                "rule": h.rule,
-                "service": h.service,
-                "weight": h.weight,
-                "grp": h.group,
-                "key": h.key,
-                "repeat_weight": h.repeat_weight,
-                "source": h.source,
-                "lineno": h.lineno,
-                "text": h.text,
-            }
-            for h in hits
-        ]
         with self._tx(write=True) as c:
-            c.execute(insert(hits_t), rows)
+            c.execute(insert(hits_t), _hit_rows(hits))
 
     def hits_since(self, ts: float) -> list[Hit]:
         """Hits at or after `ts`, oldest first: refills the scorer's window at start."""
@@ -391,26 +377,66 @@ class Store:
 
     # -- resume points -----------------------------------------------------------------------
 
-    def get_offset(self, path: str) -> tuple[int, int, str] | None:
-        """(inode, offset, head_hash) saved for a log file, or None."""
-        q = select(offsets_t.c.inode, offsets_t.c.offset, offsets_t.c.head_hash).where(offsets_t.c.path == path)
+    def get_offset(self, path: str) -> tuple[int, int, str, int] | None:
+        """(inode, offset, head_hash, lineno) saved for a log file, or None."""
+        t = offsets_t.c
+        q = select(t.inode, t.offset, t.head_hash, t.lineno).where(t.path == path)
         with self._tx() as c:
             row = c.execute(q).one_or_none()
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else (row[0], row[1], row[2], row[3])
 
-    def save_offsets(self, offsets: Iterable[tuple[str, int, int, str]], now: float | None = None) -> None:
-        """Upsert (path, inode, offset, head_hash) resume points."""
+    def save_offsets(self, offsets: Iterable[tuple[str, int, int, str] | tuple[str, int, int, str, int]],
+                     now: float | None = None) -> None:
+        """Upsert (path, inode, offset, head_hash[, lineno]) resume points."""
+        with self._tx(write=True) as c:
+            self._save_offsets(c, offsets, now)
+
+    def commit(self, hits: Sequence[Hit], offsets: Iterable[tuple[str, int, int, str, int]],
+               now: float | None = None) -> None:
+        """Hits and the read positions just after their lines, in ONE transaction: after a crash
+        either both are there or neither, so no line is ever counted twice or lost between them."""
+        rows = _hit_rows(hits)
+        with self._tx(write=True) as c:
+            if rows:
+                c.execute(insert(hits_t), rows)
+            self._save_offsets(c, offsets, now)
+
+    @staticmethod
+    def _save_offsets(c: Connection, offsets: Iterable[tuple], now: float | None) -> None:
         updated = time.time() if now is None else now
-        rows = [{"path": p, "inode": i, "offset": o, "head_hash": h, "updated": updated} for p, i, o, h in offsets]
+        rows = [{"path": o[0], "inode": o[1], "offset": o[2], "head_hash": o[3],
+                 "lineno": o[4] if len(o) > 4 else 0, "updated": updated} for o in offsets]
         if not rows:
             return
         stmt = sqlite_insert(offsets_t)
         stmt = stmt.on_conflict_do_update(
             index_elements=[offsets_t.c.path],
-            set_={k: stmt.excluded[k] for k in ("inode", "offset", "head_hash", "updated")},
+            set_={k: stmt.excluded[k] for k in ("inode", "offset", "head_hash", "lineno", "updated")},
         )
-        with self._tx(write=True) as c:
-            c.execute(stmt, rows)
+        c.execute(stmt, rows)
+
+    def ban_times(self, since: float) -> dict[str, list[float]]:
+        """Network text -> times of its bans at or after `since`, oldest first (for escalation)."""
+        h = history_t.c
+        q = select(h.net, h.banned_at).where(h.banned_at >= since).order_by(h.banned_at)
+        out: dict[str, list[float]] = {}
+        with self._tx() as c:
+            for net, at in c.execute(q):
+                out.setdefault(net, []).append(at)
+        return out
+
+    def offset_paths(self, pattern: str) -> list[str]:
+        """Saved log paths equal to, or matching the glob, `pattern`."""
+        with self._tx() as c:
+            paths = list(c.execute(select(offsets_t.c.path)).scalars())
+        return [p for p in paths if p == pattern or fnmatch.fnmatchcase(p, pattern)]
+
+    def last_bans(self, since: float) -> dict[str, float]:
+        """Network text -> time of its latest ban at or after `since`: events before a ban were judged."""
+        h = history_t.c
+        q = select(h.net, func.max(h.banned_at)).where(h.banned_at >= since).group_by(h.net)
+        with self._tx() as c:
+            return {r[0]: r[1] for r in c.execute(q)}
 
     def get_cursor(self, name: str) -> str | None:
         with self._tx() as c:
@@ -623,6 +649,14 @@ def _ban(r: RowMapping) -> Ban:
         count=r["count"],
         rule=r["rule"],
     )
+
+
+def _hit_rows(hits: Sequence[Hit]) -> list[dict[str, Any]]:
+    return [
+        {"ts": h.ts, "addr": h.addr, "rule": h.rule, "service": h.service, "weight": h.weight, "grp": h.group,
+         "key": h.key, "repeat_weight": h.repeat_weight, "source": h.source, "lineno": h.lineno, "text": h.text}
+        for h in hits
+    ]
 
 
 def _hit(r: RowMapping) -> Hit:

@@ -341,8 +341,10 @@ def test_offsets_round_trip(store: Store) -> None:
     assert store.get_offset("/var/log/mail.log") is None
     store.save_offsets([("/var/log/mail.log", 1234, 100, "abc"), ("/var/log/auth.log", 7, 0, "")], now=T0)
     store.save_offsets([("/var/log/mail.log", 1235, 5, "def")])
-    assert store.get_offset("/var/log/mail.log") == (1235, 5, "def")
-    assert store.get_offset("/var/log/auth.log") == (7, 0, "")
+    assert store.get_offset("/var/log/mail.log") == (1235, 5, "def", 0)
+    assert store.get_offset("/var/log/auth.log") == (7, 0, "", 0)
+    store.commit([], [("/var/log/mail.log", 1235, 50, "def", 3)])
+    assert store.get_offset("/var/log/mail.log") == (1235, 50, "def", 3)
 
 
 def test_journal_cursor_round_trip(store: Store) -> None:
