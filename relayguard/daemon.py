@@ -110,6 +110,7 @@ class Daemon:
         self._control: Any = None
         self.reloads = 0
         self.paused = False  # after `relayguard flush`: bans go to the database only, until reload
+        self._bans_changed = asyncio.Event()  # wakes the expiry loop when a sooner expiry may exist
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -273,7 +274,7 @@ class Daemon:
             return
         from relayguard import control  # the control socket arrives with issue 4's module
 
-        self._control = await control.serve(sock, self.handlers(), self.settings.daemon.socket_group)
+        self._control = await control.serve(sock, self.handlers(), self.settings.daemon.socket_group, self)
 
     # ------------------------------------------------------------------------- the pipeline
 
@@ -363,6 +364,8 @@ class Daemon:
                      expires=iso(b.expires), level=b.count, backend=self.fw.name)
         for n in remove:
             log.info("ban_removed", addr=net_text(n), backend=self.fw.name)
+        if add:
+            self._bans_changed.set()
         for op in ops:
             if op.done is not None and not op.done.done():
                 if error is None:
@@ -410,7 +413,11 @@ class Daemon:
         while True:
             now = self.now()
             nxt = min((b.expires for b in self._bans.values() if b.expires is not None), default=None)
-            await asyncio.sleep(EXPIRE_MAX_SLEEP if nxt is None else min(EXPIRE_MAX_SLEEP, max(0.05, nxt - now)))
+            self._bans_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                wait = EXPIRE_MAX_SLEEP if nxt is None else min(EXPIRE_MAX_SLEEP, max(0.05, nxt - now))
+                await asyncio.wait_for(self._bans_changed.wait(), wait)
+                continue  # a new ban: look again at the soonest expiry
             now = self.now()
             try:
                 ended = await self._dbcall(self.store.expire, now)
