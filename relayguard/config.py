@@ -50,7 +50,7 @@ class Scoring(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threshold: int = 10
     # The long window catches slow attackers who pace themselves under `window`.
     long_window: Seconds = Seconds(6 * 3600)
-    long_threshold: int = 40
+    long_threshold: int = 24
     ban: Seconds = Seconds(3600)
     multiplier: float = 4.0
     max_ban: Seconds = Seconds(30 * 86400)

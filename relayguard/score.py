@@ -14,9 +14,13 @@ How weights add up inside a window:
 
 The scorer is in memory and time comes only from the hits (`hit.ts`), so the same code serves
 `relayguard scan` (replaying a log on its own timestamps) and the daemon (which persists hits
-through the store and replays the window into a new Scorer at start). Memory stays bounded:
-addresses whose newest event has left the longest window are dropped as the clock advances,
-and at most `max_tracked` addresses are kept (the least recently seen go first).
+through the store and replays the window into a new Scorer at start).
+
+Memory stays bounded and small, because floods are what attackers send: an event is a plain
+tuple without the log line; an address with a single event is just that tuple (most addresses
+of a flood never get a second one); credits of addresses with nothing against them wait in a
+cheap ledger; addresses whose newest event has left the longest window are dropped as the clock
+advances; and at most `max_tracked` addresses are kept (the least recently seen go first).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from dataclasses import dataclass
 
 from relayguard.model import Hit, Offense
 
+# An event: (ts, weight, rule, group, key, repeat_weight, weights counted per window or None).
+Event = tuple[float, int, str, "str | None", "str | None", "int | None", "tuple[int, ...] | None"]
+TS, W, RULE, GROUP, KEY, RW, WS = range(7)
+
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -36,85 +44,70 @@ class Window:
     threshold: int
 
 
+def _event(hit: Hit, ws: tuple[int, ...] | None = None) -> Event:
+    return (hit.ts, hit.weight, hit.rule, hit.group, hit.key, hit.repeat_weight, ws)
+
+
 class _Sum:
     """Running score of one window over one address's sorted events."""
 
-    __slots__ = ("groups", "keys", "plain", "rules", "start")
+    __slots__ = ("groups", "keys", "plain", "start")
 
     def __init__(self) -> None:
         self.start = 0  # index of the oldest event inside the window
         self.plain = 0
         self.groups: dict[str, int] | None = None
         self.keys: dict[tuple[str, str], int] | None = None
-        self.rules: dict[str, int] = {}
 
     def score(self) -> int:
         if not self.groups:
             return self.plain
         return self.plain + sum(v for v in self.groups.values() if v > 0)
 
-    def add(self, ev: _Event) -> int:
-        """Adds an event; returns the weight it counted with (its key may make it a repeat)."""
-        hit = ev.hit
-        w = hit.weight
-        if hit.key is None and hit.group is None:  # the common case, kept short
-            self.plain += w
-            self.rules[hit.rule] = self.rules.get(hit.rule, 0) + 1
-            return w
-        if hit.key is not None:
+    def weigh(self, ev: Event) -> int:
+        """Adds an event; returns the weight it counts with (its key may make it a repeat)."""
+        w = ev[W]
+        key = ev[KEY]
+        if key is not None:
             keys = self.keys if self.keys is not None else {}
             self.keys = keys
-            k = (ev.hit.rule, ev.hit.key)
+            k = (ev[RULE], key)
             n = keys.get(k, 0)
-            if n and ev.hit.repeat_weight is not None:
-                w = ev.hit.repeat_weight
+            if n and ev[RW] is not None:
+                w = ev[RW]
             keys[k] = n + 1
-        self._count(ev.hit, w, 1)
+        group = ev[GROUP]
+        if group is None:
+            self.plain += w
+        else:
+            groups = self.groups if self.groups is not None else {}
+            self.groups = groups
+            groups[group] = groups.get(group, 0) + w
         return w
 
-    def remove(self, ev: _Event, w: int) -> None:
-        if ev.hit.key is not None and self.keys is not None:
-            k = (ev.hit.rule, ev.hit.key)
+    def drop(self, ev: Event, w: int) -> None:
+        key = ev[KEY]
+        if key is not None and self.keys is not None:
+            k = (ev[RULE], key)
             n = self.keys.get(k, 0) - 1
             if n > 0:
                 self.keys[k] = n
             else:
                 self.keys.pop(k, None)
-        self._count(ev.hit, w, -1)
-
-    def _count(self, hit: Hit, w: int, sign: int) -> None:
-        if hit.group is None:
-            self.plain += sign * w
-        else:
-            groups = self.groups if self.groups is not None else {}
-            self.groups = groups
-            groups[hit.group] = groups.get(hit.group, 0) + sign * w
-        n = self.rules.get(hit.rule, 0) + sign
-        if n:
-            self.rules[hit.rule] = n
-        else:
-            del self.rules[hit.rule]
-
-
-class _Event:
-    __slots__ = ("hit", "ts", "weights")
-
-    def __init__(self, hit: Hit) -> None:
-        self.hit = hit
-        self.ts = hit.ts
-        self.weights: list[int] = []  # the weight it counted with, per window
-
-    def __lt__(self, other: _Event) -> bool:
-        return self.ts < other.ts
+        group = ev[GROUP]
+        if group is None:
+            self.plain -= w
+        elif self.groups is not None:
+            self.groups[group] = self.groups.get(group, 0) - w
 
 
 class _Track:
-    """One address: its events inside the longest window, oldest first, and a running sum per window."""
+    """An address with two or more events: oldest first, and a running sum per window."""
 
     __slots__ = ("events", "sums")
 
     def __init__(self, n_windows: int) -> None:
-        self.events: list[_Event] = []
+        self.events: list[Event] = []
         self.sums = [_Sum() for _ in range(n_windows)]
 
 
@@ -125,10 +118,11 @@ class Scorer:
             raise ValueError("at least one window")
         self.span = self.windows[-1].seconds
         self.max_tracked = max_tracked
-        self._tracks: OrderedDict[str, _Track] = OrderedDict()  # least recently seen first
+        # addr -> a lone Event, or a _Track; least recently seen first
+        self._tracks: OrderedDict[str, Event | _Track] = OrderedDict()
         # Credits of addresses with nothing against them, parked cheaply: on a busy MX most
         # accepted messages come from clients that never earn a weight.
-        self._credits: OrderedDict[str, list[Hit]] = OrderedDict()
+        self._credits: OrderedDict[str, list[Event]] = OrderedDict()
         self.clock = float("-inf")  # newest event time seen
         self._swept = float("-inf")  # clock at the last sweep of stale addresses
         self.dropped = 0  # addresses forgotten to keep memory bounded
@@ -142,30 +136,34 @@ class Scorer:
         After an offense the address starts from zero: the decision stage bans it, and a
         repeat offence must be earned anew.
         """
+        addr = hit.addr
         tracks = self._tracks
-        tr = tracks.get(hit.addr)
-        if tr is None:
+        cur = tracks.get(addr)
+        if cur is None:
             if hit.weight < 0:
-                self._park(hit)
+                self._park(addr, _event(hit))
                 return None
-            tr = _Track(len(self.windows))
-            tracks[hit.addr] = tr
+            parked = self._credits.pop(addr, None)
+            if not parked:
+                offense = self._lone(addr, _event(hit))
+            else:
+                tr = _Track(len(self.windows))
+                tracks[addr] = tr
+                self._unpark(addr, tr, parked, hit.ts)
+                offense = self._add(addr, tr, _event(hit))
             if len(tracks) > self.max_tracked:
                 self._evict_one()
-            parked = self._credits.pop(hit.addr, None)
-            if parked:
-                self._unpark(hit.addr, tr, parked, hit.ts)
         else:
-            tracks.move_to_end(hit.addr)
-        ev = _Event(hit)
-        if not tr.events or hit.ts >= tr.events[-1].ts:
-            tr.events.append(ev)
-            offense = self._advance(hit.addr, tr, ev)
-        else:  # out of order: insert and replay this address (rare: merged or late logs)
-            insort(tr.events, ev)
-            offense = self._replay(hit.addr, tr)
+            tracks.move_to_end(addr)
+            if isinstance(cur, _Track):
+                tr = cur
+            else:  # a second event: the lone one becomes a track
+                tr = _Track(len(self.windows))
+                tracks[addr] = tr
+                self._append(addr, tr, cur)
+            offense = self._add(addr, tr, _event(hit))
         if offense is not None:
-            self.reset(hit.addr)
+            self.reset(addr)
         if hit.ts > self.clock:
             self.clock = hit.ts
             if hit.ts - self._swept >= 60:
@@ -174,16 +172,15 @@ class Scorer:
 
     def score(self, addr: str, now: float | None = None) -> dict[str, int]:
         """Current score per window (for `why` and `top`), at `now` or the newest event."""
-        tr = self._tracks.get(addr)
-        if tr is None:
-            return {w.name: 0 for w in self.windows}
+        cur = self._tracks.get(addr)
+        events = [] if cur is None else (cur.events if isinstance(cur, _Track) else [cur])
         end = self.clock if now is None else now
         out = {}
         for w in self.windows:
             s = _Sum()
-            for ev in tr.events:
-                if end - w.seconds < ev.ts <= end:
-                    s.add(ev)
+            for ev in events:
+                if end - w.seconds < ev[TS] <= end:
+                    s.weigh(ev)
             out[w.name] = s.score()
         return out
 
@@ -191,56 +188,52 @@ class Scorer:
         self._tracks.pop(addr, None)
         self._credits.pop(addr, None)
 
-    def _park(self, hit: Hit) -> None:
-        parked = self._credits.get(hit.addr)
-        if parked is None:
-            self._credits[hit.addr] = [hit]
-            if len(self._credits) > self.max_tracked:
-                self._credits.popitem(last=False)
-        else:
-            parked.append(hit)
-            self._credits.move_to_end(hit.addr)
-            if len(parked) > 4096:  # only their sum inside the window matters; keep the newest
-                del parked[:2048]
-
-    def _unpark(self, addr: str, tr: _Track, parked: list[Hit], now: float) -> None:
-        """Feeds parked credits still inside the longest window into a new track, oldest first."""
-        for credit in sorted(parked, key=lambda h: h.ts):
-            if credit.ts > now - self.span:
-                ev = _Event(credit)
-                tr.events.append(ev)
-                self._advance(addr, tr, ev)
-
     # -- internals
 
-    def _advance(self, addr: str, tr: _Track, ev: _Event) -> Offense | None:
-        """In-order arrival: slide each window's start past old events, add the new one."""
-        events = tr.events
-        offense = None
-        for i, w in enumerate(self.windows):
-            s = tr.sums[i]
-            lo = ev.ts - w.seconds
-            while s.start < len(events) - 1 and events[s.start].ts <= lo:
-                old = events[s.start]
-                s.remove(old, old.weights[i])
-                s.start += 1
-            ev.weights.append(s.add(ev))
-            if offense is None and s.score() >= w.threshold:
-                offense = self._offense(addr, tr, i, ev)
-        self._trim(tr)
-        return offense
+    def _lone(self, addr: str, ev: Event) -> Offense | None:
+        """First event of an address: kept as a bare tuple unless it alone reaches a threshold."""
+        w = ev[W]  # first of its key, so no repeat; a lone group event counts as max(0, w) = w
+        for win in self.windows:
+            if w >= win.threshold:
+                return Offense(addr=addr, ts=ev[TS], score=w, window=win.name, window_seconds=win.seconds,
+                               threshold=win.threshold, first=ev[TS], events=1, rules={ev[RULE]: 1})
+        self._tracks[addr] = ev
+        return None
 
-    def _replay(self, addr: str, tr: _Track) -> Offense | None:
+    def _add(self, addr: str, tr: _Track, ev: Event) -> Offense | None:
+        if not tr.events or ev[TS] >= tr.events[-1][TS]:
+            return self._append(addr, tr, ev)
+        # out of order: insert and replay this address (rare: merged or late logs)
         events = tr.events
+        insort(events, ev, key=lambda e: e[TS])
         tr.events = []
         tr.sums = [_Sum() for _ in self.windows]
-        for ev in events:
-            ev.weights = []
-            tr.events.append(ev)
-            offense = self._advance(addr, tr, ev)
+        for e in events:
+            offense = self._append(addr, tr, e)
             if offense is not None:
                 return offense
         return None
+
+    def _append(self, addr: str, tr: _Track, ev: Event) -> Offense | None:
+        """In-order arrival: slide each window's start past old events, add the new one."""
+        events = tr.events
+        n = len(events)
+        ws = []
+        crossed = -1
+        for i, win in enumerate(self.windows):
+            s = tr.sums[i]
+            lo = ev[TS] - win.seconds
+            while s.start < n and events[s.start][TS] <= lo:
+                old = events[s.start]
+                s.drop(old, old[WS][i])  # type: ignore[index]
+                s.start += 1
+            ws.append(s.weigh(ev))
+            if crossed < 0 and s.score() >= win.threshold:
+                crossed = i
+        events.append((*ev[:WS], tuple(ws)))
+        offense = self._offense(addr, tr, crossed) if crossed >= 0 else None
+        self._trim(tr)
+        return offense
 
     def _trim(self, tr: _Track) -> None:
         """Drops events that left every window, keeping the indexes right."""
@@ -250,13 +243,33 @@ class Scorer:
             for s in tr.sums:
                 s.start -= cut
 
-    def _offense(self, addr: str, tr: _Track, i: int, ev: _Event) -> Offense:
+    def _offense(self, addr: str, tr: _Track, i: int) -> Offense:
         w, s = self.windows[i], tr.sums[i]
         inside = tr.events[s.start:]
-        return Offense(
-            addr=addr, ts=ev.ts, score=s.score(), window=w.name, window_seconds=w.seconds,
-            threshold=w.threshold, first=inside[0].ts, events=len(inside), rules=dict(s.rules),
-        )
+        rules: dict[str, int] = {}
+        for e in inside:
+            if e[W] > 0:
+                rules[e[RULE]] = rules.get(e[RULE], 0) + 1
+        return Offense(addr=addr, ts=inside[-1][TS], score=s.score(), window=w.name, window_seconds=w.seconds,
+                       threshold=w.threshold, first=inside[0][TS], events=len(inside), rules=rules)
+
+    def _park(self, addr: str, ev: Event) -> None:
+        parked = self._credits.get(addr)
+        if parked is None:
+            self._credits[addr] = [ev]
+            if len(self._credits) > self.max_tracked:
+                self._credits.popitem(last=False)
+        else:
+            parked.append(ev)
+            self._credits.move_to_end(addr)
+            if len(parked) > 4096:  # only their sum inside the window matters; keep the newest
+                del parked[:2048]
+
+    def _unpark(self, addr: str, tr: _Track, parked: list[Event], now: float) -> None:
+        """Feeds parked credits still inside the longest window into a new track, oldest first."""
+        for credit in sorted(parked, key=lambda e: e[TS]):
+            if credit[TS] > now - self.span:
+                self._append(addr, tr, credit)
 
     def _sweep(self) -> None:
         """Forgets addresses whose newest event left the longest window (least recently seen first)."""
@@ -264,14 +277,15 @@ class Scorer:
         horizon = self.clock - self.span
         tracks = self._tracks
         while tracks:
-            addr, tr = next(iter(tracks.items()))
-            if tr.events and tr.events[-1].ts > horizon:
+            addr, cur = next(iter(tracks.items()))
+            newest = cur.events[-1][TS] if isinstance(cur, _Track) else cur[TS]
+            if newest > horizon:
                 break
             del tracks[addr]
         credits = self._credits
         while credits:
             addr, parked = next(iter(credits.items()))
-            if parked[-1].ts > horizon:
+            if parked[-1][TS] > horizon:
                 break
             del credits[addr]
 

@@ -18,7 +18,7 @@ from relayguard.score import Scorer, Window
 
 CASES = sorted((Path(__file__).parent / "cases").glob("*.toml"))
 T0 = 1_796_256_000.0
-WINDOWS = [Window("short", 600, 10), Window("long", 21600, 40)]
+WINDOWS = [Window("short", 600, 10), Window("long", 21600, 24)]  # the defaults
 
 
 def hits_of(case: dict) -> list[Hit]:
