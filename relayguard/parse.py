@@ -337,7 +337,8 @@ class Matcher:
             m = (rule.linear if long_line else rule.regex).search(msg)
             if m is None:
                 continue
-            addr = canonical_addr(m.group("addr"))
+            raw = m.group("addr")  # None when a local pack made the group optional
+            addr = canonical_addr(raw) if raw else None
             if addr is None:
                 continue
             key = (m.group(rule.distinct) or "") if rule.distinct else None
