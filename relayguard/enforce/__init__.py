@@ -85,14 +85,16 @@ def normalize(add: Sequence[Ban], remove: Sequence[Network], now: float) -> Batc
     """Collapse duplicate bans to the longest expiry, drop bans already expired at `now`, and drop
     removals of nets that are (re-)added in the same batch: deletes run first, so the add wins."""
     wanted: dict[Network, float | None] = {}
+    missing = object()
     for ban in add:
-        if ban.expires is not None and ban.expires <= now:
+        exp = ban.expires
+        if exp is not None and exp <= now:
             continue
-        if ban.net in wanted:
-            old = wanted[ban.net]
-            wanted[ban.net] = None if old is None or ban.expires is None else max(old, ban.expires)
+        old = wanted.get(ban.net, missing)  # one hash per ban: 100,000-ban batches are common
+        if old is missing:
+            wanted[ban.net] = exp
         else:
-            wanted[ban.net] = ban.expires
+            wanted[ban.net] = None if old is None or exp is None else max(old, exp)  # type: ignore[call-overload]
     gone = [net for net in dict.fromkeys(remove) if net not in wanted]
     return Batch(wanted, gone)
 

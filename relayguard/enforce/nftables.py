@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import structlog
 
 from relayguard.enforce import Batch, Firewall, FirewallError, normalize, timeout_for
-from relayguard.model import Ban, Network, is_single
+from relayguard.model import Ban, Network, addr_text, is_single
 
 log = structlog.get_logger(__name__)
 
@@ -297,7 +297,7 @@ class NftSets:
         batch = normalize(add, remove, now)
         if not batch.add and not batch.remove:
             return
-        has_nets = any(not is_single(n) for n in (*batch.add, *batch.remove))
+        has_nets = any(not is_single(n) for n in batch.remove) or any(not is_single(n) for n in batch.add)
         for attempt in (1, 2):
             live = self._live_nets() if has_nets else {}
             try:
@@ -312,7 +312,7 @@ class NftSets:
                 log.warning("firewall_retried", backend=self.name, error=str(e))
         for net in batch.remove:
             self._known.pop(net, None)
-        self._known.update((n, e) for n, e in batch.add.items() if is_single(n))
+        self._known.update(batch.add)  # prefixes too: harmless, they are never looked up here
         log.debug("firewall_applied", backend=self.name, added=len(batch.add), removed=len(batch.remove))
 
     def expired(self, now: float) -> list[Network]:
@@ -339,8 +339,10 @@ def _commands(batch: Batch, now: float, live: dict[Network, float | None],
     pre: dict[str, list[Any]] = defaultdict(list)
     dels: dict[str, list[Any]] = defaultdict(list)
     adds: dict[str, list[Any]] = defaultdict(list)
-    singles = {n: e for n, e in batch.add.items() if is_single(n)}
-    nets = {n: e for n, e in batch.add.items() if not is_single(n)}
+    singles: dict[Network, float | None] = {}
+    nets: dict[Network, float | None] = {}
+    for n, e in batch.add.items():
+        (singles if is_single(n) else nets)[n] = e
     for net in batch.remove:
         if is_single(net):
             pre[set_for(net)].append(_value(net))
@@ -348,11 +350,13 @@ def _commands(batch: Batch, now: float, live: dict[Network, float | None],
         elif net in live:
             dels[set_for(net)].append(_value(net))
     for net, expires in singles.items():
-        s = set_for(net)
-        if known is None or _believed_present(known, net, now):
-            pre[s].append(_value(net))
-            dels[s].append(_value(net))
-        adds[s].append(_element(net, timeout_for(expires, now)))
+        s = SINGLE_SETS[net.version]
+        text = addr_text(net)
+        if known is None or (known and _believed_present(known, net, now)):
+            pre[s].append(text)
+            dels[s].append(text)
+        timeout = timeout_for(expires, now)
+        adds[s].append(text if timeout is None else {"elem": {"val": text, "timeout": min(timeout, MAX_TIMEOUT)}})
     removed = set(batch.remove)
     kept = [n for n in live if n not in removed]
     placed, drop = place_nets(nets, kept)
