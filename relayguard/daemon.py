@@ -33,8 +33,10 @@ from typing import Any, TypeVar
 import structlog
 
 from relayguard import config as cfg
+from relayguard.control import ControlError
 from relayguard.decide import Allowlist, History, Policy, allowlist, decide
 from relayguard.enforce import Firewall, FirewallError, load_backend
+from relayguard.journal import JournalTail
 from relayguard.model import Ban, Hit, Network, format_duration, iso, net_text, parse_net
 from relayguard.parse import Clock, Matcher, load_packs
 from relayguard.score import Scorer, Window
@@ -49,6 +51,7 @@ WATCH_EVERY = 5.0  # how soon a deleted or flushed nft table comes back (a check
 PURGE_EVERY = 3600.0
 EXPIRE_MAX_SLEEP = 30.0
 ENFORCE_BATCH = 20_000
+BULK_LOG = 100  # batches larger than this are logged as one summary event
 
 
 class Stopping(Exception):
@@ -58,7 +61,7 @@ class Stopping(Exception):
 @dataclass
 class _Source:
     conf: cfg.Source
-    tail: FileTail
+    tail: FileTail | JournalTail
     matcher: Matcher
     scorer: Scorer
     policy: Policy
@@ -230,13 +233,15 @@ class Daemon:
 
     def _build_sources(self, s: cfg.Settings) -> None:
         for conf in s.source:
-            if conf.journal:
-                log.warning("source_unsupported", source="journal", detail="journal sources come with issue 5")
-                continue
-            assert conf.path is not None
             packs = load_packs(conf.rules or cfg.PACKS)
             queue: asyncio.Queue[Chunk] = asyncio.Queue(maxsize=64)
-            tail = FileTail(conf.path, conf.start, self._saved_position)
+            tail: FileTail | JournalTail
+            if conf.journal:  # its chunks carry Chunk.path = conf.name and the cursor as head_hash
+                tail = JournalTail(conf.name, conf.matches, conf.start, self._saved_position,
+                                   trusted_only=conf.trusted_only)
+            else:
+                assert conf.path is not None
+                tail = FileTail(conf.path, conf.start, self._saved_position)
             self.sources[conf.name] = _Source(conf, tail, Matcher(packs, Clock()), self._scorer_for(conf),
                                               self._policy_for(conf), queue)
 
@@ -248,7 +253,7 @@ class Daemon:
         ban already judged. Offences found now (hits saved, ban not, at a crash) are acted on."""
         assert self.store is not None
         for src in self.sources.values():
-            for path in await self._dbcall(self._known_paths, src.conf.path or ""):
+            for path in await self._dbcall(self._known_paths, src.conf.path or src.conf.name):
                 saved = await self._dbcall(self.store.get_offset, path)
                 if saved is not None:
                     self._positions[path] = Position(*saved)
@@ -315,7 +320,7 @@ class Daemon:
         self._ops.put_nowait(_Op(add=[ban]))
         log.info("ban_decided", addr=key, score=offense.score, window=offense.window, rules=offense.rules,
                  rule=offense.rule, duration=format_duration(ban.expires - offense.ts if ban.expires else None),
-                 level=ban.count)
+                 offence=ban.count)
 
     # ------------------------------------------------------------------------- enforcing
 
@@ -359,11 +364,7 @@ class Daemon:
         for b in add:
             old = self._bans.get(b.net)
             self._bans[b.net] = b if old is None or _later(b, old) else old
-            log.info("ban_applied", addr=net_text(b.net), reason=b.reason, rule=b.rule, source=b.source,
-                     duration=format_duration(None if b.expires is None else b.expires - b.banned_at),
-                     expires=iso(b.expires), level=b.count, backend=self.fw.name)
-        for n in remove:
-            log.info("ban_removed", addr=net_text(n), backend=self.fw.name)
+        self._log_changes(add, remove)
         if add:
             self._bans_changed.set()
         for op in ops:
@@ -372,6 +373,26 @@ class Daemon:
                     op.done.set_result(None)
                 else:
                     op.done.set_exception(error)
+
+    def _log_changes(self, add: Sequence[Ban], remove: Sequence[Network]) -> None:
+        """One event per ban and unban; an admin's bulk list is one summary event, since 100,000 log
+        lines would hold the loop for seconds and say nothing the database does not. Automatic bans
+        are always logged one by one."""
+        assert self.fw is not None
+        if len(add) > BULK_LOG and all(b.source == "manual" for b in add):
+            log.info("bans_applied", count=len(add), first=[net_text(b.net) for b in add[:10]],
+                     reason=add[0].reason, source=add[0].source, backend=self.fw.name)
+        else:
+            for b in add:
+                log.info("ban_applied", addr=net_text(b.net), reason=b.reason, rule=b.rule, source=b.source,
+                         duration=format_duration(None if b.expires is None else b.expires - b.banned_at),
+                         expires=iso(b.expires), offence=b.count, backend=self.fw.name)
+        if len(remove) > BULK_LOG:
+            log.info("bans_removed", count=len(remove), first=[net_text(n) for n in remove[:10]],
+                     backend=self.fw.name)
+        else:
+            for n in remove:
+                log.info("ban_removed", addr=net_text(n), backend=self.fw.name)
 
     async def enforce(self, add: Sequence[Ban] = (), remove: Sequence[Network] = ()) -> None:
         """Queue a change and wait until database and kernel have it (manual bans, unbans)."""
@@ -432,7 +453,7 @@ class Daemon:
             with contextlib.suppress(FirewallError):
                 await self._fwcall(self.fw.apply, [], nets, now)
             for b in ended:
-                log.info("ban_expired", addr=net_text(b.net), reason=b.reason, rule=b.rule, level=b.count,
+                log.info("ban_expired", addr=net_text(b.net), reason=b.reason, rule=b.rule, offence=b.count,
                          banned_at=iso(b.banned_at))
 
     async def _watch_loop(self) -> None:
@@ -485,12 +506,12 @@ class Daemon:
                 src.scorer = self._scorer_for(src.conf)
             await self._flush()
             await self._refill_scorers()
-        new_names = {c.name for c in settings.source if not c.journal}
+        new_names = {c.name for c in settings.source}
         removed = [n for n in self.sources if n not in new_names]
         for name in removed:
             for t in self.sources.pop(name).tasks:
                 t.cancel()
-        added = [c for c in settings.source if not c.journal and c.name not in self.sources]
+        added = [c for c in settings.source if c.name not in self.sources]
         for conf in settings.source:
             src = self.sources.get(conf.name)
             if src is not None:
@@ -624,5 +645,8 @@ def run(settings: cfg.Settings, config_path: str | None) -> int:
         return 1
     except StoreError as e:
         log.error("store_unavailable", error=str(e))
+        return 1
+    except ControlError as e:
+        log.error("control_socket_unavailable", error=str(e))
         return 1
     return 0
