@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import os
 import signal
 import socket
@@ -106,8 +108,10 @@ class Daemon:
         self._pending_hits: list[Hit] = []
         self._pending_pos: dict[str, Position] = {}
         self._positions: dict[str, Position] = {}
-        self._bans: dict[Network, Ban] = {}  # active bans, as in the database
-        self._history: dict[str, list[float]] = {}  # net text -> ban times within `remember`
+        # active bans as in the database, net -> expiry (None: permanent); the rest stays on disk
+        # keyed by canonical text: 100,000 ipaddress objects would cost 30 MiB more
+        self._bans: dict[str, float | None] = {}
+        self._history: dict[str, int] = {}  # net text -> bans within `remember` (escalation)
         self._last_ban: dict[str, float] = {}  # addr -> latest ban: older events were judged
         self._tg: asyncio.TaskGroup | None = None
         self._control: Any = None
@@ -158,6 +162,7 @@ class Daemon:
         self._build_sources(s)
         await self._refill_scorers()
         await self._open_control()
+        await asyncio.to_thread(release_memory)
 
     async def shutdown(self) -> None:
         notify("STOPPING=1")
@@ -204,17 +209,21 @@ class Daemon:
         remove = [net for net in present if net not in want]
         if add or remove:
             await self._fwcall(self.fw.apply, add, remove, now)
-        self._bans = want
+        self._bans = {}
         log.info("firewall_reconciled", backend=self.fw.name, added=len(add), removed=len(remove),
                  active=len(want))
+        del want, wanted, add, present
+        # Read the expiries afresh, after the big batch is gone: kept objects scattered among freed
+        # ones would pin the whole batch's memory.
+        await asyncio.to_thread(release_memory)
+        self._bans = await self._dbcall(self.store.active_expiries, now)
 
     async def _load_memory(self) -> None:
         assert self.store is not None
-        since = self.now() - self.settings.scoring.remember
-        last = await self._dbcall(self.store.last_bans, since)
-        self._last_ban = dict(last)
-        hist = await self._dbcall(self.store.ban_times, since)
-        self._history = {k: list(v) for k, v in hist.items()}
+        now, sc = self.now(), self.settings.scoring
+        # Events before a ban were judged by it; only the windows' span can replay them.
+        self._last_ban = await self._dbcall(self.store.last_bans, now - max(sc.long_window, sc.window))
+        self._history = await self._dbcall(self.store.ban_counts, now - sc.remember)
 
     def _scorer_for(self, src: cfg.Source) -> Scorer:
         sc = self.settings.scoring
@@ -311,12 +320,12 @@ class Daemon:
             return
         net = parse_net(offense.addr)
         key = net_text(net)
-        history = History(bans=len(self._history.get(key, ())))
+        history = History(bans=self._history.get(key, 0))
         ban = decide(offense, history, src.policy, self._allow)
         if ban is None:
             return
         self._last_ban[hit.addr] = offense.ts
-        self._history.setdefault(key, []).append(offense.ts)
+        self._history[key] = self._history.get(key, 0) + 1
         self._ops.put_nowait(_Op(add=[ban]))
         log.info("ban_decided", addr=key, score=offense.score, window=offense.window, rules=offense.rules,
                  rule=offense.rule, duration=format_duration(ban.expires - offense.ts if ban.expires else None),
@@ -359,14 +368,18 @@ class Daemon:
         except FirewallError as e:
             log.error("firewall_apply_failed", error=str(e), backend=self.fw.name)
             error = e
+        bans = self._bans
         for n in remove:
-            self._bans.pop(n, None)
+            bans.pop(net_text(n), None)
         for b in add:
-            old = self._bans.get(b.net)
-            self._bans[b.net] = b if old is None or _later(b, old) else old
+            key = net_text(b.net)
+            if key not in bans or _later(b.expires, bans[key]):
+                bans[key] = b.expires
         self._log_changes(add, remove)
         if add:
             self._bans_changed.set()
+        if len(add) + len(remove) > BULK_LOG:
+            await asyncio.to_thread(release_memory)
         for op in ops:
             if op.done is not None and not op.done.done():
                 if error is None:
@@ -433,7 +446,7 @@ class Daemon:
         assert self.store is not None and self.fw is not None
         while True:
             now = self.now()
-            nxt = min((b.expires for b in self._bans.values() if b.expires is not None), default=None)
+            nxt = min((e for e in self._bans.values() if e is not None), default=None)
             self._bans_changed.clear()
             with contextlib.suppress(TimeoutError):
                 wait = EXPIRE_MAX_SLEEP if nxt is None else min(EXPIRE_MAX_SLEEP, max(0.05, nxt - now))
@@ -444,12 +457,12 @@ class Daemon:
                 ended = await self._dbcall(self.store.expire, now)
             except StoreError as e:
                 log.error("store_write_failed", error=str(e))
-                ended = [b for b in self._bans.values() if b.expires is not None and b.expires <= now]
+                ended = [Ban(parse_net(n), e, "expired") for n, e in self._bans.items() if e is not None and e <= now]
             if not ended:
                 continue
             nets = [b.net for b in ended]
             for n in nets:
-                self._bans.pop(n, None)
+                self._bans.pop(net_text(n), None)
             with contextlib.suppress(FirewallError):
                 await self._fwcall(self.fw.apply, [], nets, now)
             for b in ended:
@@ -467,7 +480,8 @@ class Daemon:
                 log.warning("firewall_missing", backend=self.fw.name)
                 await self._fwcall(self.fw.setup)
                 now = self.now()
-                live = [b for b in self._bans.values() if b.expires is None or b.expires > now]
+                assert self.store is not None
+                live = await self._dbcall(self.store.active_bans, now)
                 await self._fwcall(self.fw.apply, live, [], now)
                 log.info("firewall_restored", backend=self.fw.name, bans=len(live))
             except FirewallError as e:
@@ -486,9 +500,13 @@ class Daemon:
                 log.info("store_purged", **res)
             except StoreError as e:
                 log.error("store_purge_failed", error=str(e))
-            cutoff = now - sc.remember
-            self._history = {k: kept for k, v in self._history.items() if (kept := [t for t in v if t > cutoff])}
+            try:  # bans older than `remember` stop counting; recount from the database
+                self._history = await self._dbcall(self.store.ban_counts, now - sc.remember)
+            except StoreError as e:
+                log.error("store_read_failed", error=str(e))
+            cutoff = now - max(sc.long_window, sc.window)
             self._last_ban = {k: t for k, t in self._last_ban.items() if t > cutoff}
+            await asyncio.to_thread(release_memory)
 
     # ------------------------------------------------------------------------- reload
 
@@ -533,9 +551,9 @@ class Daemon:
     # ------------------------------------------------------------------------- reporting
 
     def _facts(self) -> dict[str, Any]:
-        v6 = sum(1 for n in self._bans if n.version == 6)
+        v4, v6 = self.ban_counts()
         return {"backend": self.fw.name if self.fw else None, "sources": len(self.sources),
-                "bans_v4": len(self._bans) - v6, "bans_v6": v6}
+                "bans_v4": v4, "bans_v6": v6}
 
     def _summary(self) -> str:
         f = self._facts()
@@ -548,10 +566,30 @@ class Daemon:
 
         return handlers.table(self)
 
-    def active_bans(self) -> list[Ban]:
+    async def active_bans(self) -> list[Ban]:
+        """Active bans with all they say, from the database, soonest expiry first."""
+        assert self.store is not None
+        return await self._dbcall(self.store.active_bans, self.now())
+
+    def ban_counts(self) -> tuple[int, int]:
+        """(IPv4, IPv6) bans in force now, from memory."""
         now = self.now()
-        live = [b for b in self._bans.values() if b.expires is None or b.expires > now]
-        return sorted(live, key=lambda b: (b.expires is None, b.expires or 0.0, net_text(b.net)))
+        v4 = v6 = 0
+        for n, e in self._bans.items():
+            if e is None or e > now:
+                if ":" in n:
+                    v6 += 1
+                else:
+                    v4 += 1
+        return v4, v6
+
+    def ban_expiry(self, net: Network) -> tuple[bool, float | None]:
+        """(banned now, its expiry)."""
+        key = net_text(net)
+        if key not in self._bans:
+            return False, None
+        e = self._bans[key]
+        return (e is None or e > self.now()), e
 
     def tracked(self) -> int:
         return sum(len(s) for s in self._scorers.values())
@@ -571,10 +609,11 @@ class Daemon:
         return self._allow.covers(net)
 
     def history_len(self, net: Network) -> int:
-        return len(self._history.get(net_text(net), ()))
+        return self._history.get(net_text(net), 0)
 
     def note_manual_ban(self, net: Network, at: float) -> None:
-        self._history.setdefault(net_text(net), []).append(at)
+        key = net_text(net)
+        self._history[key] = self._history.get(key, 0) + 1
 
 
 def _needs_refresh(b: Ban, left: float | None, now: float) -> bool:
@@ -584,8 +623,9 @@ def _needs_refresh(b: Ban, left: float | None, now: float) -> bool:
     return left is not None and (b.expires - now) - left > 5
 
 
-def _later(a: Ban, b: Ban) -> bool:
-    return a.expires is None or (b.expires is not None and a.expires >= b.expires)
+def _later(a: float | None, b: float | None) -> bool:
+    """Expiry a is at least as late as b (None: permanent)."""
+    return a is None or (b is not None and a >= b)
 
 
 def _source_of(path: str, by_name: dict[str, _Source]) -> _Source | None:
@@ -596,6 +636,14 @@ def _source_of(path: str, by_name: dict[str, _Source]) -> _Source | None:
         if s.conf.path and Path(path).match(s.conf.path):
             return s
     return None
+
+
+def release_memory() -> None:
+    """Give back what a start-up burst (100,000 bans read and sent to the kernel) left free on the heap:
+    the daemon runs for months, and glibc keeps freed memory unless asked."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def notify(*lines: str) -> None:

@@ -70,8 +70,7 @@ async def ping(d: Daemon, _: Empty) -> str:
 async def status(d: Daemon, _: Empty) -> dict[str, Any]:
     assert d.store is not None and d.fw is not None
     stats = await d._dbcall(d.store.stats, d.now())
-    bans = d.active_bans()
-    v6 = sum(1 for b in bans if b.net.version == 6)
+    v4, v6 = d.ban_counts()
     return {
         "state": "paused (flushed)" if d.paused else "running",
         "pid": os.getpid(),
@@ -81,7 +80,7 @@ async def status(d: Daemon, _: Empty) -> dict[str, Any]:
         "config": d.settings.path,
         "reloads": d.reloads,
         "sources": [s.status() for s in d.sources.values()],
-        "bans": {"total": len(bans), "ipv4": len(bans) - v6, "ipv6": v6},
+        "bans": {"total": v4 + v6, "ipv4": v4, "ipv6": v6},
         "tracked": d.tracked(),
         "database": {"path": str(d.store.path) if d.store.path else None, "bytes": stats.get("db_bytes", 0),
                      "events": stats.get("hits", 0)},
@@ -89,7 +88,7 @@ async def status(d: Daemon, _: Empty) -> dict[str, Any]:
 
 
 async def list_bans(d: Daemon, _: Empty) -> list[dict[str, Any]]:
-    return [ban_json(b) for b in d.active_bans()]
+    return [ban_json(b) for b in await d.active_bans()]
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d, which parse_net turns into plain IPv4
@@ -158,13 +157,13 @@ def _manual_bans(d: Daemon, nets: dict[str, Network], req: BanReq, secs: int, no
     bans = []
     extended = 0
     for key, net in nets.items():
-        old = d._bans.get(net)
+        active, old = d.ban_expiry(net)
         expires = now + secs
-        if old is not None:
+        if active:
             extended += 1
-            if old.expires is None or old.expires > expires:
-                expires = old.expires  # banning again extends, never shortens
-        bans.append(Ban(net, expires, req.reason, "manual", now, len(d._history.get(key, ())) + 1, "manual"))
+            if old is None or old > expires:
+                expires = old  # banning again extends, never shortens
+        bans.append(Ban(net, expires, req.reason, "manual", now, d._history.get(key, 0) + 1, "manual"))
     return bans, extended
 
 
@@ -187,7 +186,7 @@ async def ban(d: Daemon, req: BanReq) -> dict[str, Any]:
     now = d.now()
     bans, extended = await asyncio.to_thread(_manual_bans, d, nets, req, secs, now)
     for key in nets:  # as daemon.note_manual_ban, without formatting each key again
-        d._history.setdefault(key, []).append(now)
+        d._history[key] = d._history.get(key, 0) + 1
     await _enforce(d, add=bans)
     return {"banned": len(bans), "new": len(bans) - extended, "extended": extended,
             "duration": format_duration(secs), "expires_at": iso(now + secs)}
@@ -195,8 +194,8 @@ async def ban(d: Daemon, req: BanReq) -> dict[str, Any]:
 
 async def unban(d: Daemon, req: UnbanReq) -> dict[str, Any]:
     nets = await asyncio.to_thread(_parse_all, req.addrs)
-    known = [k for k, n in nets.items() if n in d._bans]
-    missing = [k for k, n in nets.items() if n not in d._bans]
+    known = [k for k, n in nets.items() if d.ban_expiry(n)[0]]
+    missing = [k for k, n in nets.items() if not d.ban_expiry(n)[0]]
     if known:
         await _enforce(d, remove=[nets[k] for k in known])
         assert d.store is not None
@@ -241,7 +240,7 @@ async def why(d: Daemon, req: WhyReq) -> dict[str, Any]:
     stored = await d._dbcall(d.store.hits_for, addr, since)
     pending = [h for h in d._pending_hits if h.addr == addr and h.ts >= since]
     events = sorted(set(stored + pending), key=lambda h: (h.ts, h.source, h.lineno))
-    active = d._bans.get(net)
+    active = await d._dbcall(d.store.get_ban, net) if d.ban_expiry(net)[0] else None
     history = await d._dbcall(d.store.history, net)
     covered = d.ignored(net)
     judged = d._last_ban.get(addr)  # a ban resets the score: events up to it were judged by it
@@ -272,7 +271,7 @@ async def flush(d: Daemon, _: Empty) -> dict[str, Any]:
         await d._fwcall(d.fw.flush)
     except FirewallError as e:
         raise CommandError(str(e)) from None
-    return {"flushed": True, "bans_kept_in_database": len(d.active_bans()),
+    return {"flushed": True, "bans_kept_in_database": sum(d.ban_counts()),
             "resume": "relayguard reload (SIGHUP) or a restart puts them back"}
 
 

@@ -335,6 +335,12 @@ class Store:
         return [Ban(net_of(r[i["net"]]), r[i["expires_at"]], r[i["reason"]], r[i["source"]], r[i["banned_at"]],
                     r[i["count"]], r[i["rule"]]) for r in rows]
 
+    def active_expiries(self, now: float) -> dict[str, float | None]:
+        """Canonical network text -> expiry of every ban in force at `now` (what the daemon keeps)."""
+        q = select(bans_t.c.net, bans_t.c.expires_at).where(bans_t.c.active == 1, _not_expired(now))
+        with self._tx() as c:
+            return {r[0]: r[1] for r in c.execute(q)}
+
     def get_ban(self, net: Network | str) -> Ban | None:
         """The active ban of exactly this network (the caller compares `expires` with now)."""
         q = select(bans_t).where(bans_t.c.net == _key(net), bans_t.c.active == 1)
@@ -438,6 +444,13 @@ class Store:
             set_={k: stmt.excluded[k] for k in ("inode", "offset", "head_hash", "lineno", "updated")},
         )
         c.execute(stmt, rows)
+
+    def ban_counts(self, since: float) -> dict[str, int]:
+        """Network text -> number of its bans at or after `since` (escalation)."""
+        h = history_t.c
+        q = select(h.net, func.count()).where(h.banned_at >= since).group_by(h.net)
+        with self._tx() as c:
+            return {r[0]: r[1] for r in c.execute(q)}
 
     def ban_times(self, since: float) -> dict[str, list[float]]:
         """Network text -> times of its bans at or after `since`, oldest first (for escalation)."""
