@@ -469,9 +469,10 @@ class Store:
         return [p for p in paths if p == pattern or fnmatch.fnmatchcase(p, pattern)]
 
     def last_bans(self, since: float) -> dict[str, float]:
-        """Network text -> time of its latest ban at or after `since`: events before a ban were judged."""
+        """Network text -> time of its latest automatic ban at or after `since`: the events before it
+        were judged by it. (A manual ban judged no events.)"""
         h = history_t.c
-        q = select(h.net, func.max(h.banned_at)).where(h.banned_at >= since).group_by(h.net)
+        q = select(h.net, func.max(h.banned_at)).where(h.banned_at >= since, h.source == "auto").group_by(h.net)
         with self._tx() as c:
             return {r[0]: r[1] for r in c.execute(q)}
 

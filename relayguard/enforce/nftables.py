@@ -214,7 +214,8 @@ class NftSets:
 
     def __init__(self, runner: str = "auto", nft: str = "nft") -> None:
         self._nft = _runner(runner, nft)
-        self._known: dict[Network, float | None] = {}  # single addresses we listed or added -> expiry
+        # single addresses we listed or added (as text: 100,000 ipaddress objects cost 30 MiB) -> expiry
+        self._known: dict[str, float | None] = {}
 
     def _run(self, cmds: list[Json]) -> list[Json]:
         return self._nft.run(cmds)
@@ -275,7 +276,7 @@ class NftSets:
         else:
             log.warning("firewall_listing_unsettled", backend=self.name, elements=len(seen))
         now = time.time()
-        self._known = {n: None if left is None else now + left for n, left in seen.items() if is_single(n)}
+        self._known = {addr_text(n): None if left is None else now + left for n, left in seen.items() if is_single(n)}
         return seen
 
     def _list_once(self) -> dict[Network, float | None]:
@@ -311,8 +312,9 @@ class NftSets:
                     raise
                 log.warning("firewall_retried", backend=self.name, error=str(e))
         for net in batch.remove:
-            self._known.pop(net, None)
-        self._known.update(batch.add)  # prefixes too: harmless, they are never looked up here
+            if is_single(net):
+                self._known.pop(addr_text(net), None)
+        self._known.update((addr_text(n), e) for n, e in batch.add.items() if is_single(n))
         log.debug("firewall_applied", backend=self.name, added=len(batch.add), removed=len(batch.remove))
 
     def expired(self, now: float) -> list[Network]:
@@ -331,7 +333,7 @@ class NftSets:
 
 
 def _commands(batch: Batch, now: float, live: dict[Network, float | None],
-              known: dict[Network, float | None] | None = None) -> list[Json]:
+              known: dict[str, float | None] | None = None) -> list[Json]:
     """One transaction: [add placeholders] + deletes + adds, each grouped per set.
 
     `known`: single addresses believed in the set (-> expiry); only those need the delete-and-add
@@ -352,7 +354,7 @@ def _commands(batch: Batch, now: float, live: dict[Network, float | None],
     for net, expires in singles.items():
         s = SINGLE_SETS[net.version]
         text = addr_text(net)
-        if known is None or (known and _believed_present(known, net, now)):
+        if known is None or (known and _believed_present(known, text, now)):
             pre[s].append(text)
             dels[s].append(text)
         timeout = timeout_for(expires, now)
@@ -371,10 +373,10 @@ def _commands(batch: Batch, now: float, live: dict[Network, float | None],
     return group("add", pre) + group("delete", dels) + group("add", adds)
 
 
-def _believed_present(known: dict[Network, float | None], net: Network, now: float) -> bool:
-    if net not in known:
+def _believed_present(known: dict[str, float | None], text: str, now: float) -> bool:
+    if text not in known:
         return False
-    expires = known[net]
+    expires = known[text]
     return expires is None or expires > now - 1  # an element at its very end may still be there
 
 
