@@ -49,6 +49,7 @@ log = structlog.get_logger("relayguard")
 T = TypeVar("T")
 
 FLUSH_EVERY = 1.0  # seconds of events a kill -9 may lose, at most
+FLUSH_BATCH = 5000  # or this many hits, whichever comes first
 WATCH_EVERY = 5.0  # how soon a deleted or flushed nft table comes back (a check costs 0.4 s at 100k bans)
 PURGE_EVERY = 3600.0
 EXPIRE_MAX_SLEEP = 30.0
@@ -118,6 +119,8 @@ class Daemon:
         self.reloads = 0
         self.paused = False  # after `relayguard flush`: bans go to the database only, until reload
         self._bans_changed = asyncio.Event()  # wakes the expiry loop when a sooner expiry may exist
+        self._flush_soon = asyncio.Event()  # a flood filled a batch: write it now
+        self._floods = 0
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -314,6 +317,8 @@ class Daemon:
         src.last_event = hit.ts
         if persist:
             self._pending_hits.append(hit)
+            if len(self._pending_hits) >= FLUSH_BATCH:
+                self._flush_soon.set()
         log.debug("event_seen", addr=hit.addr, rule=hit.rule, weight=hit.weight, source=hit.source, line=hit.lineno)
         offense = src.scorer.observe(hit)
         if offense is None:
@@ -416,12 +421,20 @@ class Daemon:
     # ------------------------------------------------------------------------- housekeeping
 
     async def _flush_loop(self) -> None:
+        """Every second, or as soon as a flood has queued FLUSH_BATCH hits: small batches keep memory flat."""
         while True:
-            await asyncio.sleep(FLUSH_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_soon.wait(), FLUSH_EVERY)
+            self._flush_soon.clear()
+            big = len(self._pending_hits) >= FLUSH_BATCH
             try:
                 await self._flush()
             except StoreError as e:
                 log.error("store_write_failed", error=str(e), pending_hits=len(self._pending_hits))
+            if big:
+                self._floods += 1
+                if self._floods % 20 == 0:  # now and then during a flood, hand freed memory back
+                    await asyncio.to_thread(release_memory)
 
     async def _flush(self) -> None:
         """Hits and read positions in one transaction (see Store.commit)."""

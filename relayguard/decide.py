@@ -49,7 +49,7 @@ class Allowlist:
         if hit is None:
             ip = ipaddress.ip_address(addr)
             hit = any(ip.version == n.version and ip in n for n in self.nets)
-            if len(self._cache) > 200_000:
+            if len(self._cache) > 16_384:  # bounded: floods bring millions of one-time addresses
                 self._cache.clear()
             self._cache[addr] = hit
         return hit

@@ -82,7 +82,7 @@ def canonical_addr(text: str) -> str | None:
     return _canonical(text)
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 13)  # the busy addresses; a flood of new ones must not grow it
 def _canonical(text: str) -> str | None:
     if text.startswith("IPv6:") or text.startswith("ipv6:"):
         text = text[5:]
