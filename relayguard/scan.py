@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -109,55 +110,69 @@ class _Limited:
 
 
 class _TailParser:
-    """Parses [split, EOF) of a file in a forked child; hits come back pickled through a pipe."""
+    """Parses [split, EOF) of a file in a forked child. Hits come back pickled in batches through an
+    unlinked temporary file: the child never blocks on a full pipe, and the parent holds one batch
+    at a time, not the whole tail."""
+
+    BATCH = 8192
 
     def __init__(self, packs: Sequence[RulePack], clock: Clock, path: str, split: int, numbered: bool) -> None:
         self.args = (packs, clock, path, split, numbered)
         self.counters = Counters()
         self.pid = 0
-        self.rd: BinaryIO | None = None
+        self.spool: BinaryIO | None = None
 
     def __enter__(self) -> _TailParser:
-        r, w = os.pipe()
+        self.spool = tempfile.TemporaryFile()  # closed in __exit__
         self.pid = os.fork()
         if self.pid == 0:  # child: never returns
-            os.close(r)
             code = 0
             try:
-                with os.fdopen(w, "wb", buffering=1 << 20) as out:
-                    self._child(out)
+                self._child(self.spool)
             except BaseException:  # reported through the exit status
                 code = 1
             os._exit(code)
-        os.close(w)
-        self.rd = os.fdopen(r, "rb", buffering=1 << 20)
         return self
 
     def _child(self, out: BinaryIO) -> None:
         packs, clock, path, split, numbered = self.args
         matcher = Matcher(packs, clock, keep_text=False)
+        dump = pickle.dump
         with open(path, "rb") as fh:
             first = 1 + (_count_lines(fh, split) if numbered else 0)
             fh.seek(split)
-            # Collect first, send once: writing while parsing would block on the full pipe
-            # until the parent is done with the head.
-            found = [tuple(hit) for block, n in blocks(fh)
-                     for hit in matcher.scan(block, path, first + n - 1, numbered)]
-        pickle.dump((found, matcher.counters), out, pickle.HIGHEST_PROTOCOL)
+            batch: list[tuple] = []
+            for block, n in blocks(fh):
+                for hit in matcher.scan(block, path, first + n - 1, numbered):
+                    batch.append(tuple(hit))
+                    if len(batch) >= self.BATCH:
+                        dump(batch, out, pickle.HIGHEST_PROTOCOL)
+                        batch = []
+        dump(batch, out, pickle.HIGHEST_PROTOCOL)
+        dump(matcher.counters, out, pickle.HIGHEST_PROTOCOL)
+        out.flush()
 
     def hits(self) -> Iterator[Hit]:
-        assert self.rd is not None
-        found, self.counters = pickle.load(self.rd)
+        assert self.spool is not None
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        if status != 0:
+            raise OSError(f"parser process failed (status {status})")
+        self.spool.seek(0)
         make = Hit._make
-        for t in found:
-            yield make(t)
+        while True:
+            batch = pickle.load(self.spool)
+            if isinstance(batch, Counters):
+                self.counters = batch
+                return
+            for t in batch:
+                yield make(t)
 
     def __exit__(self, *exc: object) -> None:
-        if self.rd is not None:
-            self.rd.close()
-        _, status = os.waitpid(self.pid, 0)
-        if status != 0 and exc[0] is None:
-            raise OSError(f"parser process failed (status {status})")
+        if self.pid:
+            os.waitpid(self.pid, 0)
+        if self.spool is not None:
+            self.spool.close()
 
 
 def _count_lines(fh: BinaryIO, end: int) -> int:
