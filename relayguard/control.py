@@ -187,7 +187,7 @@ class Server:
             req = _decode(line)
         except msgspec.ValidationError as e:
             return reply_error(f"invalid request: {e}")
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: JSON nested ~1000 deep
             return reply_error(f"malformed JSON: {e}" if line.strip() else "empty request")
         if req.v != VERSION:
             return reply_error(f"unsupported protocol version {req.v} (this daemon speaks {VERSION})")

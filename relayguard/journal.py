@@ -271,7 +271,10 @@ class JournalTail:
         self._resume_point()
         pause = RESTART_MIN
         while True:
+            launched = int(time.time())
             got = await self._follow_once(out)
+            if self.cursor is None and self._since is None and self.start == "end":
+                self._since = launched  # no entry seen yet: a restart must not skip what came meanwhile
             pause = RESTART_MIN if got else min(RESTART_MAX, pause * 2)
             self.restarts += 1
             await asyncio.sleep(pause)

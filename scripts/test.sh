@@ -13,7 +13,7 @@ fi
 
 APT_PACKAGES=(
     python3 python3-venv python3-pip python3-nftables python3-pyinotify
-    nftables iptables iproute2 procps util-linux passwd
+    nftables iptables iproute2 procps util-linux passwd openssl systemd
     postfix dovecot-core swaks fail2ban systemd-journal-remote
 )
 missing=()
