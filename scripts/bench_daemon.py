@@ -460,7 +460,7 @@ def main() -> int:
     ap.add_argument("--f2b-bans", type=int, default=2000)
     ap.add_argument("--rate", type=int, default=20_000)
     ap.add_argument("--seconds", type=int, default=60)
-    ap.add_argument("--source", help="log lines for the throughput phase (genlog.py output)")
+    ap.add_argument("--source", help="log lines for the throughput phase (default: genlog.py, 5%% attack lines)")
     ap.add_argument("--only", default="latency,restore,f2b_restore,throughput")
     ap.add_argument("--out", help="write the JSON result here")
     a = ap.parse_args()
@@ -478,8 +478,12 @@ def main() -> int:
             out["restore_memory"] = restore_and_memory(work, a.bans, a.tracked)
         if "f2b_restore" in only:
             out["fail2ban_restore"] = fail2ban_restore(work, a.f2b_bans)
-        if "throughput" in only and a.source:
-            out["throughput"] = throughput(work, Path(a.source), a.rate, a.seconds)
+        if "throughput" in only:
+            source = Path(a.source) if a.source else work / "tp-source.log"
+            if not a.source:  # a realistic stream with 5% attack lines, from the shared generator
+                sh(sys.executable, str(ROOT.parent / "shared" / "bench" / "genlog.py"), "--lines", "300000",
+                   "--seed", "2", "--attack-frac", "0.05", "--out", str(source))
+            out["throughput"] = throughput(work, source, a.rate, a.seconds)
     print(json.dumps(out, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side: relayguard scan vs fail2ban-regex (Debian's fail2ban 1.0.2, postfix[mode=aggressive]) on a
 # generated 1,000,000-line Postfix log with ground truth. Prints lines/s, peak RSS, the ratios and the
-# detection checks; writes the figures as Markdown to docs/benchmarks-scan.md (pasted into docs/benchmarks.md).
+# detection checks; writes the figures as Markdown to $BENCH_DIR/benchmarks-scan.md for docs/benchmarks.md.
 #   scripts/bench_scan.sh [LINES]       (default 1000000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +14,4 @@ WORK="${BENCH_DIR:-/tmp/relayguard-bench}"
 mkdir -p "$WORK"
 LOG="$WORK/mail-$LINES.log"
 [ -s "$LOG.truth.json" ] || python3 "$GENLOG" --lines "$LINES" --seed 1 --out "$LOG"
-exec "$PY" scripts/bench_scan.py "$LOG" --out docs/benchmarks-scan.md
+exec "$PY" scripts/bench_scan.py "$LOG" --out "$WORK/benchmarks-scan.md"
