@@ -35,6 +35,7 @@ MAX_LINE = 64 * 1024  # longer lines are skipped and counted, never matched
 # Messages up to this length go through Python's re (fast to call); longer ones through RE2,
 # whose run time is linear in the input whatever the regex, so no line can make a rule backtrack.
 _SHORT = 1024
+MAX_SESSIONS = 100_000  # open sessions remembered for packs that name the client once per session
 PACK_NAMES = ("postfix", "exim", "sendmail", "dovecot", "opensmtpd", "sshd")
 
 _RE2_OPTS = re2.Options()
@@ -59,6 +60,10 @@ class Rule:
     distinct: str | None = None  # named group whose distinct values count (repeats weigh less)
     repeat_weight: int | None = None
     program: re.Pattern[str] | None = None  # narrows the pack's programs
+    # "event" (a Hit), or for daemons that name the client once per session (OpenSMTPD 6.4+):
+    # "session-start" (remembers session -> addr), "session-end" (forgets it). An event rule
+    # whose regex has a `session` group instead of `addr` takes the client from that session.
+    kind: str = "event"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +113,10 @@ def _build_pack(file: str, data: dict) -> RulePack:
 def _build_rule(file: str, pack: str, raw: dict) -> Rule:
     rid = raw.get("id", "?")
     where = f"{file}: rule {rid!r}"
-    for key in ("id", "service", "weight", "why", "regex"):
+    kind = raw.get("kind", "event")
+    if kind not in ("event", "session-start", "session-end"):
+        raise PackError(f"{where}: kind must be event, session-start or session-end, not {kind!r}")
+    for key in ("id", "service", "weight", "why", "regex") if kind == "event" else ("id", "regex"):
         if key not in raw:
             raise PackError(f"{where}: missing key {key!r}")
     pattern = raw["regex"]
@@ -117,8 +125,14 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         linear = re2.compile(pattern, options=_RE2_OPTS)
     except (re.error, re2.error) as e:
         raise PackError(f"{where}: regex does not compile (it must be valid for both re and RE2): {e}") from None
-    if "addr" not in rx.groupindex:
-        raise PackError(f"{where}: regex needs a named group (?P<addr>...) for the client address")
+    groups = rx.groupindex
+    if kind == "session-start" and not ("addr" in groups and "session" in groups):
+        raise PackError(f"{where}: a session-start regex needs the groups (?P<session>...) and (?P<addr>...)")
+    if kind == "session-end" and "session" not in groups:
+        raise PackError(f"{where}: a session-end regex needs a group (?P<session>...)")
+    if kind == "event" and "addr" not in groups and "session" not in groups:
+        raise PackError(f"{where}: regex needs a named group (?P<addr>...) for the client address "
+                        "(or (?P<session>...) in a pack with a session-start rule)")
     distinct = raw.get("distinct")
     if distinct and distinct not in rx.groupindex:
         raise PackError(f"{where}: distinct = {distinct!r} names no group of the regex")
@@ -130,9 +144,9 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
     program = raw.get("program")
     return Rule(
         id=f"{pack}/{rid}",
-        service=raw["service"],
-        weight=int(raw["weight"]),
-        why=raw["why"],
+        service=raw.get("service", ""),
+        weight=int(raw.get("weight", 0)),
+        why=raw.get("why", ""),
         regex=rx,
         linear=linear,
         literal=literal,
@@ -141,6 +155,7 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         distinct=distinct,
         repeat_weight=raw.get("repeat_weight"),
         program=re.compile(program) if program else None,
+        kind=kind,
     )
 
 
@@ -305,6 +320,7 @@ class Matcher:
         self._by_program: dict[str, frozenset[Rule]] = {}
         self.counters = Counters()
         self._prefilter = _Prefilter(self.rules)
+        self._sessions: dict[tuple[str, str], str] = {}  # (pack, session id) -> client address
 
     # -- one line (the daemon, tests, `why`)
     def match(self, line: str, source: str = "", lineno: int = 0) -> list[Hit]:
@@ -337,10 +353,15 @@ class Matcher:
             m = (rule.linear if long_line else rule.regex).search(msg)
             if m is None:
                 continue
-            raw = m.group("addr")  # None when a local pack made the group optional
-            addr = canonical_addr(raw) if raw else None
-            if addr is None:
-                continue
+            if rule.kind != "event" or "addr" not in rule.regex.groupindex:
+                addr = self._session(rule, m)
+                if addr is None:
+                    continue
+            else:
+                raw = m.group("addr")  # None when a local pack made the group optional
+                addr = canonical_addr(raw) if raw else None
+                if addr is None:
+                    continue
             key = (m.group(rule.distinct) or "") if rule.distinct else None
             hits.append(Hit(ts, addr, rule.id, rule.service, rule.weight, source, lineno,
                             line if self.keep_text else "", rule.group, key, rule.repeat_weight))
@@ -348,6 +369,21 @@ class Matcher:
             by_rule[rule.id] = by_rule.get(rule.id, 0) + 1
         self.counters.hits += len(hits)
         return hits
+
+    def _session(self, rule: Rule, m: re.Match[str]) -> str | None:
+        """Session bookkeeping; for an event rule, the client of its session (None: unknown)."""
+        key = (rule.id.split("/", 1)[0], m.group("session"))
+        if rule.kind == "session-start":
+            addr = canonical_addr(m.group("addr") or "")
+            if addr is not None:
+                if len(self._sessions) >= MAX_SESSIONS:  # sessions whose end we never saw
+                    self._sessions.clear()
+                self._sessions[key] = addr
+            return None
+        if rule.kind == "session-end":
+            self._sessions.pop(key, None)
+            return None
+        return self._sessions.get(key)
 
     # -- whole blocks (scan, the daemon's tailer)
     def scan(self, block: bytes, source: str = "", first_lineno: int = 1, numbered: bool = True) -> Iterator[Hit]:

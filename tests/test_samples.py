@@ -96,7 +96,7 @@ def test_samples_as_one_block(name: str) -> None:
 def test_every_rule_has_a_positive_sample(name: str) -> None:
     pack = load_pack(name)
     seen = {rule for s in read_samples(SAMPLES / f"{name}.log") for rule, _ in s.hits}
-    missing = sorted(r.id for r in pack.rules if r.id not in seen)
+    missing = sorted(r.id for r in pack.rules if r.kind == "event" and r.id not in seen)
     assert not missing, f"rules without a positive sample line in {name}.log: {missing}"
     unknown = sorted(seen - {r.id for r in pack.rules})
     assert not unknown, f"{name}.log expects rules the pack does not have: {unknown}"
