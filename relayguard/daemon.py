@@ -120,6 +120,8 @@ class Daemon:
         self.paused = False  # after `relayguard flush`: bans go to the database only, until reload
         self._bans_changed = asyncio.Event()  # wakes the expiry loop when a sooner expiry may exist
         self._flush_soon = asyncio.Event()  # a flood filled a batch: write it now
+        self._unsaved_bans: list[Ban] = []  # enforced, but the database refused them (full disk)
+        self._unsaved_unbans: list[Network] = []
         self._floods = 0
 
     # ------------------------------------------------------------------------- lifecycle
@@ -306,6 +308,13 @@ class Daemon:
                 self._score(src, hit)
             self._pending_pos[chunk.path] = chunk.position
             self._positions[chunk.path] = chunk.position
+            if len(self._pending_hits) >= FLUSH_BATCH:
+                # A backlog arrives faster than a timer flushes: write now, so memory follows the
+                # batch size and not the backlog (reading waits meanwhile: backpressure).
+                try:
+                    await self._flush()
+                except StoreError as e:
+                    log.error("store_write_failed", error=str(e), pending_hits=len(self._pending_hits))
 
     def _score(self, src: _Source, hit: Hit, persist: bool = True) -> None:
         if hit.addr in self._allow:
@@ -365,8 +374,11 @@ class Daemon:
                 await self._dbcall(self.store.record_bans, add)
             if remove:
                 await self._dbcall(self.store.remove_bans, remove)
-        except StoreError as e:  # full disk or broken database: still enforce, say so loudly
+        except StoreError as e:  # full disk or broken database: still enforce, say so loudly,
+            # and keep the changes to write once the database takes writes again
             log.error("store_write_failed", error=str(e), bans=len(add), unbans=len(remove))
+            self._unsaved_bans.extend(add)
+            self._unsaved_unbans.extend(remove)
         try:
             if not self.paused:
                 await self._fwcall(self.fw.apply, add, remove, now)
@@ -436,8 +448,20 @@ class Daemon:
                 if self._floods % 20 == 0:  # now and then during a flood, hand freed memory back
                     await asyncio.to_thread(release_memory)
 
+    async def _save_unsaved(self) -> None:
+        """Bans and unbans a full disk kept from the database: retried with every flush."""
+        if not self._unsaved_bans and not self._unsaved_unbans:
+            return
+        assert self.store is not None
+        bans, unbans = self._unsaved_bans, self._unsaved_unbans
+        await self._dbcall(self.store.record_bans, bans)
+        await self._dbcall(self.store.remove_bans, unbans)
+        self._unsaved_bans, self._unsaved_unbans = [], []
+        log.info("store_recovered", bans=len(bans), unbans=len(unbans))
+
     async def _flush(self) -> None:
         """Hits and read positions in one transaction (see Store.commit)."""
+        await self._save_unsaved()
         if not self._pending_hits and not self._pending_pos:
             return
         assert self.store is not None
