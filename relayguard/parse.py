@@ -333,7 +333,7 @@ class Matcher:
                 r for r in self.rules
                 if self._pack_of[r.id].programs.search(program) and (r.program is None or r.program.search(program))
             )
-            if len(self._by_program) < 4096:
+            if len(self._by_program) < 4096 and len(program) <= 64:  # a bounded cache, whatever the log holds
                 self._by_program[program] = rules
         return rules
 
