@@ -138,6 +138,7 @@ class Daemon:
                     tg.create_task(job)
                 if self._control is not None:
                     tg.create_task(self._control.serve_forever())
+                await self._sources_started()
                 self.ready.set()
                 notify("READY=1", f"STATUS={self._summary()}")
                 log.info("daemon_ready", **self._facts())
@@ -296,6 +297,13 @@ class Daemon:
         self._control = await control.serve(sock, self.handlers(), self.settings.daemon.socket_group, self)
 
     # ------------------------------------------------------------------------- the pipeline
+
+    async def _sources_started(self, timeout: float = 10.0) -> None:
+        """Waits (boundedly) until every source knows where it starts reading."""
+        events = [e for src in self.sources.values() if (e := getattr(src.tail, "started", None)) is not None]
+        if events:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
 
     def _start_source(self, src: _Source) -> None:
         assert self._tg is not None

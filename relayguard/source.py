@@ -241,6 +241,9 @@ class FileTail:
         self._dirty: set[_Track] = set()
         self._rescan = False
         self._wake = asyncio.Event()
+        # set once every file present at start has its starting position (the end, for start="end"):
+        # the daemon says READY only then, so no line written after READY is skipped
+        self.started = asyncio.Event()
         self._out: asyncio.Queue[Chunk] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._wm: Any = None
@@ -275,6 +278,7 @@ class FileTail:
                     self._watch_dirs()
                     self._dirty.update(self._scan(initial=False))
                 await self._round()
+                self.started.set()
                 if self._dirty:
                     await asyncio.sleep(0)  # let events, other sources and the consumer in
                     continue
