@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import structlog
 
 from relayguard import config as cfg
+from relayguard import control
 from relayguard.control import ControlError
 from relayguard.decide import Allowlist, History, Policy, allowlist, decide
 from relayguard.enforce import Firewall, FirewallError, load_backend
@@ -292,8 +293,6 @@ class Daemon:
         sock = self.settings.daemon.socket
         if not sock:
             return
-        from relayguard import control  # the control socket arrives with issue 4's module
-
         self._control = await control.serve(sock, self.handlers(), self.settings.daemon.socket_group, self)
 
     # ------------------------------------------------------------------------- the pipeline

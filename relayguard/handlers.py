@@ -194,8 +194,9 @@ async def ban(d: Daemon, req: BanReq) -> dict[str, Any]:
 
 async def unban(d: Daemon, req: UnbanReq) -> dict[str, Any]:
     nets = await asyncio.to_thread(_parse_all, req.addrs)
-    known = [k for k, n in nets.items() if d.ban_expiry(n)[0]]
-    missing = [k for k, n in nets.items() if not d.ban_expiry(n)[0]]
+    banned = {k: d.ban_expiry(n)[0] for k, n in nets.items()}  # one lookup per address: lists run to 100,000
+    known = [k for k, b in banned.items() if b]
+    missing = [k for k, b in banned.items() if not b]
     if known:
         await _enforce(d, remove=[nets[k] for k in known])
         assert d.store is not None

@@ -452,16 +452,6 @@ class Store:
         with self._tx() as c:
             return {r[0]: r[1] for r in c.execute(q)}
 
-    def ban_times(self, since: float) -> dict[str, list[float]]:
-        """Network text -> times of its bans at or after `since`, oldest first (for escalation)."""
-        h = history_t.c
-        q = select(h.net, h.banned_at).where(h.banned_at >= since).order_by(h.banned_at)
-        out: dict[str, list[float]] = {}
-        with self._tx() as c:
-            for net, at in c.execute(q):
-                out.setdefault(net, []).append(at)
-        return out
-
     def offset_paths(self, pattern: str) -> list[str]:
         """Saved log paths equal to, or matching the glob, `pattern`."""
         with self._tx() as c:
