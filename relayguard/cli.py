@@ -102,7 +102,7 @@ def scan(files: Sequence[str], config_path: str | None, rules: str | None, thres
       relayguard scan --events --json --rules postfix /var/log/mail.log
     """
     from relayguard.decide import Policy, allowlist
-    from relayguard.scan import Replay
+    from relayguard.scan import Replay, ScanError
     from relayguard.score import Window
 
     settings = _settings(config_path)
@@ -121,11 +121,10 @@ def scan(files: Sequence[str], config_path: str | None, rules: str | None, thres
     allow = allowlist(nets, ignore_self=False)
     on_hit = _event_printer(as_json) if events else None
     replay = Replay(packs, windows, policy, allow, on_hit)
-    for f in files:
-        try:
-            replay.run(f)
-        except (OSError, EOFError) as e:
-            fail(f"{f}: {e}")
+    try:
+        replay.run_all(files)
+    except ScanError as e:
+        fail(str(e))
     result = replay.result(list(files))
     if events:
         if not as_json:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import os
 import signal
 import socket
@@ -40,6 +38,7 @@ from relayguard.control import ControlError
 from relayguard.decide import Allowlist, History, Policy, allowlist, decide
 from relayguard.enforce import Firewall, FirewallError, load_backend
 from relayguard.journal import JournalTail
+from relayguard.memory import release_memory
 from relayguard.model import Ban, Hit, Network, format_duration, iso, net_text, parse_net
 from relayguard.parse import Clock, Matcher, load_packs
 from relayguard.score import Scorer, Window
@@ -370,28 +369,21 @@ class Daemon:
                 await self._apply(ops)
 
     async def _apply(self, ops: Sequence[_Op]) -> None:
-        """Database first, then kernel: a crash between leaves a ban the next start puts back."""
+        """Database first, then kernel: a crash between leaves a ban the next start puts back.
+
+        An admin's request (every op awaited by a client) writes both at once instead: its
+        answer waits for both, so a crash in between leaves an unanswered request (the next
+        start reconciles the kernel with the database), never a ban the admin was told about;
+        and a bulk list of 100,000 lands in about half the time."""
         assert self.store is not None and self.fw is not None
         add = [b for op in ops for b in op.add]
         remove = [n for op in ops for n in op.remove]
         now = self.now()
-        error: BaseException | None = None
-        try:
-            if add:
-                await self._dbcall(self.store.record_bans, add)
-            if remove:
-                await self._dbcall(self.store.remove_bans, remove)
-        except StoreError as e:  # full disk or broken database: still enforce, say so loudly,
-            # and keep the changes to write once the database takes writes again
-            log.error("store_write_failed", error=str(e), bans=len(add), unbans=len(remove))
-            self._unsaved_bans.extend(add)
-            self._unsaved_unbans.extend(remove)
-        try:
-            if not self.paused:
-                await self._fwcall(self.fw.apply, add, remove, now)
-        except FirewallError as e:
-            log.error("firewall_apply_failed", error=str(e), backend=self.fw.name)
-            error = e
+        if all(op.done is not None for op in ops):
+            _, error = await asyncio.gather(self._store_bans(add, remove), self._kernel_bans(add, remove, now))
+        else:
+            await self._store_bans(add, remove)
+            error = await self._kernel_bans(add, remove, now)
         bans = self._bans
         for n in remove:
             bans.pop(net_text(n), None)
@@ -402,14 +394,37 @@ class Daemon:
         self._log_changes(add, remove)
         if add:
             self._bans_changed.set()
-        if len(add) + len(remove) > BULK_LOG:
-            await asyncio.to_thread(release_memory)
         for op in ops:
             if op.done is not None and not op.done.done():
                 if error is None:
                     op.done.set_result(None)
                 else:
                     op.done.set_exception(error)
+        if len(add) + len(remove) > BULK_LOG:  # after the answers: nobody waits for this
+            await asyncio.to_thread(release_memory)
+
+    async def _store_bans(self, add: Sequence[Ban], remove: Sequence[Network]) -> None:
+        assert self.store is not None
+        try:
+            if add:
+                await self._dbcall(self.store.record_bans, add)
+            if remove:
+                await self._dbcall(self.store.remove_bans, remove)
+        except StoreError as e:  # full disk or broken database: still enforce, say so loudly,
+            # and keep the changes to write once the database takes writes again
+            log.error("store_write_failed", error=str(e), bans=len(add), unbans=len(remove))
+            self._unsaved_bans.extend(add)
+            self._unsaved_unbans.extend(remove)
+
+    async def _kernel_bans(self, add: Sequence[Ban], remove: Sequence[Network], now: float) -> FirewallError | None:
+        assert self.fw is not None
+        try:
+            if not self.paused:
+                await self._fwcall(self.fw.apply, add, remove, now)
+        except FirewallError as e:
+            log.error("firewall_apply_failed", error=str(e), backend=self.fw.name)
+            return e
+        return None
 
     def _log_changes(self, add: Sequence[Ban], remove: Sequence[Network]) -> None:
         """One event per ban and unban; an admin's bulk list is one summary event, since 100,000 log
@@ -627,9 +642,9 @@ class Daemon:
                     v4 += 1
         return v4, v6
 
-    def ban_expiry(self, net: Network) -> tuple[bool, float | None]:
-        """(banned now, its expiry)."""
-        key = net_text(net)
+    def ban_expiry(self, net: Network | str) -> tuple[bool, float | None]:
+        """(banned now, its expiry), of a network or its canonical text."""
+        key = net if isinstance(net, str) else net_text(net)
         if key not in self._bans:
             return False, None
         e = self._bans[key]
@@ -680,14 +695,6 @@ def _source_of(path: str, by_name: dict[str, _Source]) -> _Source | None:
         if s.conf.path and Path(path).match(s.conf.path):
             return s
     return None
-
-
-def release_memory() -> None:
-    """Give back what a start-up burst (100,000 bans read and sent to the kernel) left free on the heap:
-    the daemon runs for months, and glibc keeps freed memory unless asked."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def notify(*lines: str) -> None:

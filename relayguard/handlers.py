@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from relayguard.enforce import FirewallError
+from relayguard.memory import without_gc
 from relayguard.model import Ban, Network, format_duration, iso, net_text, parse_net
 
 if TYPE_CHECKING:
@@ -112,16 +113,6 @@ def _net(text: str) -> Network:
         raise CommandError(str(e)) from None
 
 
-def _text(net: Network) -> str:
-    """model.net_text, with inet_ntop for single IPv6 addresses (same RFC 5952 text, much faster);
-    glibc writes some addresses with a dotted IPv4 tail where ipaddress does not: those take net_text."""
-    if net.version == 6 and net.prefixlen == 128:
-        text = socket.inet_ntop(socket.AF_INET6, net.network_address.packed)
-        if "." not in text:
-            return text
-    return net_text(net)
-
-
 def _parse_all(addrs: list[str]) -> dict[str, Network]:
     """Canonical text -> network, in the order given, duplicates dropped (keyed by text: str hashes
     are cached, ipaddress hashes are Python code)."""
@@ -132,7 +123,7 @@ def _parse_all(addrs: list[str]) -> dict[str, Network]:
     out: dict[str, Network] = {}
     for a in addrs:
         net = _net(a)
-        out.setdefault(_text(net), net)
+        out.setdefault(net_text(net), net)
     return out
 
 
@@ -157,7 +148,7 @@ def _manual_bans(d: Daemon, nets: dict[str, Network], req: BanReq, secs: int, no
     bans = []
     extended = 0
     for key, net in nets.items():
-        active, old = d.ban_expiry(net)
+        active, old = d.ban_expiry(key)
         expires = now + secs
         if active:
             extended += 1
@@ -175,6 +166,11 @@ async def _enforce(d: Daemon, add: list[Ban] | None = None, remove: list[Network
 
 
 async def ban(d: Daemon, req: BanReq) -> dict[str, Any]:
+    with without_gc():  # a list of 100,000 makes as many networks and rows: no collector passes over them
+        return await _ban(d, req)
+
+
+async def _ban(d: Daemon, req: BanReq) -> dict[str, Any]:
     secs = d.settings.scoring.ban if req.seconds is None else req.seconds
     if secs <= 0:
         raise CommandError("the ban duration must be positive")
@@ -193,8 +189,13 @@ async def ban(d: Daemon, req: BanReq) -> dict[str, Any]:
 
 
 async def unban(d: Daemon, req: UnbanReq) -> dict[str, Any]:
+    with without_gc():
+        return await _unban(d, req)
+
+
+async def _unban(d: Daemon, req: UnbanReq) -> dict[str, Any]:
     nets = await asyncio.to_thread(_parse_all, req.addrs)
-    banned = {k: d.ban_expiry(n)[0] for k, n in nets.items()}  # one lookup per address: lists run to 100,000
+    banned = {k: d.ban_expiry(k)[0] for k in nets}  # one lookup per address: lists run to 100,000
     known = [k for k, b in banned.items() if b]
     missing = [k for k, b in banned.items() if not b]
     if known:

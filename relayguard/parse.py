@@ -16,15 +16,17 @@ from __future__ import annotations
 import re
 import time
 import tomllib
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
+from operator import itemgetter
 from pathlib import Path
 
 import re2
 
-from relayguard.model import Hit, canonical_addr
+from relayguard.model import Hit, canonical_addr, make_hit
 
 try:  # Hyperscan has wheels for x86_64 only; RE2 alone is slower but equivalent.
     import hyperscan
@@ -54,7 +56,7 @@ class Rule:
     why: str
     regex: re.Pattern[str]  # on the message; has a named group `addr`
     linear: re2._Regexp  # the same regex in RE2, for long lines where backtracking could bite
-    literal: str  # occurs in every line the regex matches: the prefilter key
+    literals: tuple[str, ...]  # one of them occurs in every line the regex matches: the prefilter keys
     caseless: bool = False
     group: str | None = None
     distinct: str | None = None  # named group whose distinct values count (repeats weigh less)
@@ -64,6 +66,7 @@ class Rule:
     # "session-start" (remembers session -> addr), "session-end" (forgets it). An event rule
     # whose regex has a `session` group instead of `addr` takes the client from that session.
     kind: str = "event"
+    session: bool = False  # an event rule that takes its client from a session-start rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +142,13 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
     literal, caseless = raw.get("literal"), False
     if literal is None:
         literal, caseless = required_literal(pattern)
-    if len(literal) < 4:
-        raise PackError(f"{where}: no literal of 4+ characters that every match contains; add `literal = \"...\"`")
+    # A list when the regex has alternatives with no common literal: each must be selective,
+    # since every line holding one of them costs a full match (a short one like "nown" hits
+    # every "unknown[addr]" of a mail log).
+    literals = (literal,) if isinstance(literal, str) else tuple(literal)
+    if not literals or not all(isinstance(lit, str) and len(lit) >= 4 for lit in literals):
+        raise PackError(f"{where}: no literal of 4+ characters that every match contains; add `literal = \"...\"` "
+                        "(or a list of them, one of which every match contains)")
     program = raw.get("program")
     return Rule(
         id=f"{pack}/{rid}",
@@ -149,14 +157,74 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         why=raw.get("why", ""),
         regex=rx,
         linear=linear,
-        literal=literal,
+        literals=literals,
         caseless=caseless,
         group=raw.get("group"),
         distinct=distinct,
         repeat_weight=raw.get("repeat_weight"),
         program=re.compile(program) if program else None,
         kind=kind,
+        session=kind == "event" and "addr" not in groups,
     )
+
+
+def _plan(rule: Rule) -> tuple:
+    """What the in-place path needs of a rule, in one tuple: (match at an offset, id, service,
+    weight, group, distinct, repeat weight); () when the rule needs the text path."""
+    fast, anchored = _in_place(rule.regex.pattern)
+    if fast is None or rule.kind != "event" or rule.session:
+        return ()
+    return (fast.match if anchored else fast.search, rule.id, rule.service, rule.weight, rule.group, rule.distinct,
+            rule.repeat_weight)
+
+
+def _in_place(pattern: str) -> tuple[re.Pattern[bytes] | None, bool]:
+    """The bytes regex that matches a message where it stands inside its line, or (None, False).
+
+    `regex.search(message)` and `fast.match/search(line_bytes, offset, end)` agree on ASCII text
+    when the pattern is ASCII, has no ^ or \\A but a leading one (dropped: `match` anchors at the
+    offset), and no lookbehind (which could see the header). \\b at the offset sees the ": "
+    that ends every header, the same as the start of a string.
+    """
+    from re import _constants as c  # type: ignore[attr-defined]
+    from re import _parser as p  # type: ignore[attr-defined]
+
+    if not pattern.isascii():
+        return None, False
+    anchored = pattern.startswith("^")
+    body = pattern[1:] if anchored else pattern
+    starts = (c.AT_BEGINNING, c.AT_BEGINNING_STRING, c.AT_BEGINNING_LINE)
+
+    def parts(op: object, av: object) -> list:
+        """The sub-sequences of one parsed node."""
+        if op is c.SUBPATTERN:
+            return [av[3]]  # type: ignore[index]
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            return [av[2]]  # type: ignore[index]
+        if op is c.BRANCH:
+            return list(av[1])  # type: ignore[index]
+        if op is c.GROUPREF_EXISTS:
+            return [b for b in av[1:] if b is not None]  # type: ignore[index]
+        if op in (c.ASSERT, c.ASSERT_NOT):
+            return [av[1]]  # type: ignore[index]
+        return [av] if op is c.ATOMIC_GROUP else []
+
+    def unsafe(seq: Iterable) -> bool:
+        for op, av in seq:
+            if op is c.AT and av in starts:
+                return True
+            if op in (c.ASSERT, c.ASSERT_NOT) and av[0] < 0:  # direction -1: a lookbehind
+                return True
+            if any(unsafe(sub) for sub in parts(op, av)):
+                return True
+        return False
+
+    try:
+        if unsafe(p.parse(body)):
+            return None, False
+        return re.compile(body.encode("ascii")), anchored
+    except re.error:  # e.g. a flag only str patterns take
+        return None, False
 
 
 def required_literal(pattern: str) -> tuple[str, bool]:
@@ -211,6 +279,14 @@ _5424 = re.compile(r"<\d{1,3}>1 (?P<ts>\S+) (?P<host>\S+) (?P<prog>\S+) (?P<pid>
                    r"(?:-|(?:\[(?:[^\]\\]|\\.)*\])+)(?: \ufeff?|$)")
 # Exim's own mainlog: 2026-12-03 00:00:01[.mmm] [+0000] [[pid]] message
 _EXIM = re.compile(r"(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.\d+)?(?: (?P<tz>[+-]\d{4}))?(?: \[(?P<pid>\d+)\])? ")
+# The two headers of nearly every line, as one regex on bytes for the in-place path (see
+# Matcher._match_in_place): groups classic time, RFC 3339 time, program. It matches exactly
+# where _CLASSIC or _ISO does on ASCII text; anything else takes split_header.
+_HEAD = re.compile(
+    rb"(?:([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)(?:\.\d+)?"
+    rb"|(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?))"
+    rb" \S+ ([^\s\[\]:]+)(?:\[\d+\])?: "
+)
 
 
 @dataclass(slots=True)
@@ -225,7 +301,7 @@ class Clock:
     ref: float = field(default_factory=time.time)
     _ref_year: int = 0
     _ref_mon: int = 0
-    _cache: dict[str, float] = field(default_factory=dict)
+    _cache: dict[str | bytes, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.refresh(self.ref)
@@ -238,16 +314,22 @@ class Clock:
             self._ref_year, self._ref_mon = t.tm_year, t.tm_mon
             self._cache.clear()
 
-    def classic(self, ts: str) -> float:
+    def classic(self, ts: str | bytes) -> float:
+        """`Dec  3 00:00:06` (text, or its ASCII bytes) -> epoch seconds, cached per second and minute."""
         v = self._cache.get(ts)
         if v is None:
-            mon = _MONTHS[ts[:3]]
-            year = self._ref_year - 1 if mon > self._ref_mon else self._ref_year
-            hh, mm, ss = int(ts[7:9]), int(ts[10:12]), int(ts[13:15])
-            v = time.mktime((year, mon, int(ts[4:6]), hh, mm, ss, 0, 0, -1))
+            minute = ts[:12]
+            base = self._cache.get(minute)
+            if base is None:
+                text = ts if isinstance(ts, str) else ts.decode("ascii")
+                mon = _MONTHS[text[:3]]
+                year = self._ref_year - 1 if mon > self._ref_mon else self._ref_year
+                # Zones change on whole minutes, so a minute's base plus its seconds is exact.
+                base = time.mktime((year, mon, int(text[4:6]), int(text[7:9]), int(text[10:12]), 0, 0, 0, -1))
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[ts] = v
+            self._cache[minute] = base
+            v = self._cache[ts] = base + int(ts[13:15])
         return v
 
     @staticmethod
@@ -318,13 +400,17 @@ class Matcher:
         self.rules: list[Rule] = [r for p in self.packs for r in p.rules]
         self._pack_of = {r.id: p for p in self.packs for r in p.rules}
         self._by_program: dict[str, frozenset[Rule]] = {}
+        self._allowed: dict[bytes, frozenset[Rule]] = {}  # the same, by the program's bytes
+        self._plans: dict[Rule, tuple] = {}  # rule -> _plan(rule), made on its first candidate line
         self.counters = Counters()
         self._prefilter = _Prefilter(self.rules)
         self._sessions: dict[tuple[str, str], str] = {}  # (pack, session id) -> client address
 
     # -- one line (the daemon, tests, `why`)
     def match(self, line: str, source: str = "", lineno: int = 0) -> list[Hit]:
-        return self._match_text(line, source, lineno, self.rules)
+        hits = self._match_text(line, source, lineno, self.rules)
+        self._count_hits(hits)
+        return hits
 
     def rules_for(self, program: str) -> frozenset[Rule]:
         rules = self._by_program.get(program)
@@ -353,7 +439,7 @@ class Matcher:
             m = (rule.linear if long_line else rule.regex).search(msg)
             if m is None:
                 continue
-            if rule.kind != "event" or "addr" not in rule.regex.groupindex:
+            if rule.kind != "event" or rule.session:
                 addr = self._session(rule, m)
                 if addr is None:
                     continue
@@ -365,10 +451,57 @@ class Matcher:
             key = (m.group(rule.distinct) or "") if rule.distinct else None
             hits.append(Hit(ts, addr, rule.id, rule.service, rule.weight, source, lineno,
                             line if self.keep_text else "", rule.group, key, rule.repeat_weight))
-            by_rule = self.counters.by_rule
-            by_rule[rule.id] = by_rule.get(rule.id, 0) + 1
-        self.counters.hits += len(hits)
         return hits
+
+    def _match_in_place(self, block: bytes, start: int, end: int, source: str, lineno: int,
+                        candidates: Iterable[Rule]) -> list[Hit] | None:
+        """_match_text for an ASCII line inside `block`, without slicing or decoding it: header and
+        rules matched in place on the bytes. None when the line needs _match_text (another header
+        format, a long message, a session rule, a timestamp that does not parse)."""
+        head = _HEAD.match(block, start, end)
+        if head is None:
+            return None
+        mstart = head.end()
+        if end - mstart > _SHORT:
+            return None
+        classic, iso, prog = head.groups()
+        try:
+            ts = self.clock.classic(classic) if classic is not None else Clock.iso(iso.decode())
+        except (KeyError, ValueError, OverflowError):
+            return None
+        allowed = self._allowed.get(prog)
+        if allowed is None:
+            allowed = self.rules_for(prog.decode())
+            if len(self._allowed) < 4096 and len(prog) <= 64:
+                self._allowed[prog] = allowed
+        hits: list[Hit] = []
+        plans = self._plans
+        for rule in candidates:
+            if rule not in allowed:
+                continue
+            plan = plans.get(rule)
+            if plan is None:
+                plan = plans[rule] = _plan(rule)
+            if not plan:
+                return None
+            match, rid, service, weight, group, distinct, repeat = plan
+            m = match(block, mstart, end)
+            if m is None:
+                continue
+            raw = m.group("addr")
+            addr = canonical_addr(raw.decode()) if raw else None
+            if addr is None:
+                continue
+            key = (m.group(distinct) or b"").decode() if distinct else None
+            text = block[start:end].decode() if self.keep_text else ""
+            hits.append(make_hit((ts, addr, rid, service, weight, source, lineno, text, group, key, repeat)))
+        return hits
+
+    def _count_hits(self, hits: list[Hit]) -> None:
+        self.counters.hits += len(hits)
+        by_rule = self.counters.by_rule
+        for rule, n in Counter(map(itemgetter(2), hits)).items():
+            by_rule[rule] = by_rule.get(rule, 0) + n
 
     def _session(self, rule: Rule, m: re.Match[str]) -> str | None:
         """Session bookkeeping; for an event rule, the client of its session (None: unknown)."""
@@ -386,39 +519,50 @@ class Matcher:
         return self._sessions.get(key)
 
     # -- whole blocks (scan, the daemon's tailer)
-    def scan(self, block: bytes, source: str = "", first_lineno: int = 1, numbered: bool = True) -> Iterator[Hit]:
-        """Hits in `block`, which holds whole lines (a trailing partial line is the caller's).
+    def scan(self, block: bytes, source: str = "", first_lineno: int = 1, numbered: bool = True) -> list[Hit]:
+        """Hits in `block`, which holds whole lines (a final line without its newline counts too).
 
         Line numbers count from `first_lineno` for the first line of the block; with
         numbered=False they are left 0, which saves a count over the block per candidate.
+        This loop runs once per candidate line of every log, so it is written flat: the
+        prefilter's line ends, the header and each rule matched in place on the bytes.
         """
-        nl = block.count(b"\n")
-        self.counters.lines += nl + (0 if not block or block.endswith(b"\n") else 1)
+        if block and not block.endswith(b"\n"):
+            block += b"\n"
+        counters = self.counters
+        counters.lines += block.count(b"\n")
         long_spans = _long_lines(block)
-        self.counters.garbage += len(long_spans)
-        pos_line, lineno = 0, first_lineno
-        count = block.count
-        if not numbered:
-            lineno = 0
-        for start, end, rules in self._prefilter.lines(block):
+        counters.garbage += len(long_spans)
+        ascii_block = block.isascii()  # nearly always: then no line needs its own check
+        hits: list[Hit] = []
+        pos_line, lineno = 0, first_lineno if numbered else 0
+        lines = self._prefilter.lines(block)
+        counters.candidates += len(lines)
+        for start, end, rules in lines:
             if numbered:
-                lineno += count(b"\n", pos_line, start)
+                lineno += block.count(b"\n", pos_line, start)
                 pos_line = start
-            self.counters.candidates += 1
             if long_spans and _inside(long_spans, start):
                 continue  # counted above
-            text = block[start:end].decode("utf-8", "replace")
-            hits = self._match_text(text, source, lineno, rules)
-            if hits:
-                yield from hits
+            found = None
+            if ascii_block or block[start:end].isascii():
+                found = self._match_in_place(block, start, end, source, lineno, rules)
+            if found is None:
+                found = self._match_text(block[start:end].decode("utf-8", "replace"), source, lineno, rules)
+            if found:
+                hits += found
+        self._count_hits(hits)
+        return hits
 
 
 def _long_lines(block: bytes) -> list[tuple[int, int]]:
-    """Spans of lines longer than MAX_LINE; cheap (one find per 64 KiB) when there are none."""
+    """Spans of lines longer than MAX_LINE; cheap (one rfind per 64 KiB) when there are none."""
     spans: list[tuple[int, int]] = []
     i, n = 0, len(block)
     while i + MAX_LINE < n:
-        j = block.find(b"\n", i, i + MAX_LINE + 1)
+        # The last newline within reach: the line starting at i is short, and so is every one
+        # up to there (a forward find would step one line at a time: a million calls per block).
+        j = block.rfind(b"\n", i, i + MAX_LINE + 1)
         if j >= 0:
             i = j + 1
             continue
@@ -441,7 +585,8 @@ class _Prefilter:
         self.rules = list(rules)
         lits: dict[tuple[str, bool], list[Rule]] = {}
         for r in self.rules:
-            lits.setdefault((r.literal, r.caseless), []).append(r)
+            for lit in r.literals:
+                lits.setdefault((lit, r.caseless), []).append(r)
         self.keys = list(lits)
         self.rules_of = [tuple(lits[k]) for k in self.keys]
         self._db = None
@@ -472,32 +617,44 @@ class _Prefilter:
 
             self._db.scan(block, match_event_handler=on_match, scratch=self._scratch)
             return found
+        # RE2 finds a line holding some literal; which literals it holds (they may overlap, which
+        # one scan for the alternation would miss) is then asked of the line itself.
         out = []
-        for m in self._rx.finditer(block):
-            text = m.group(0).decode("latin-1")
-            for i, (lit, ci) in enumerate(self.keys):
-                if text == lit or (ci and text.lower() == lit.lower()):
-                    out.append((m.end(), i))
-                    break
+        keys = [(lit.encode("utf-8"), ci) for lit, ci in self.keys]
+        pos = 0
+        while (m := self._rx.search(block, pos)) is not None:
+            start = block.rfind(b"\n", 0, m.start()) + 1
+            end = block.find(b"\n", m.end())
+            end = len(block) if end < 0 else end
+            line = block[start:end]
+            folded = line.lower()
+            found = []
+            for i, (lit, ci) in enumerate(keys):
+                j = folded.find(lit.lower()) if ci else line.find(lit)
+                if j >= 0:
+                    found.append((start + j + len(lit), i))
+            out += sorted(found)
+            pos = end + 1
         return out
 
-    def lines(self, block: bytes) -> Iterator[tuple[int, int, tuple[Rule, ...]]]:
-        """(line start, line end, rules whose literal occurs in it) per candidate line, in order."""
-        cur_start = cur_end = -1
-        cur: tuple[Rule, ...] = ()
+    def lines(self, block: bytes) -> list[tuple[int, int, tuple[Rule, ...]]]:
+        """(line start, line end, rules whose literal occurs in it) per candidate line, in order.
+
+        `block` ends with a newline; literal occurrences arrive in order of their end.
+        """
+        out: list[tuple[int, int, tuple[Rule, ...]]] = []
         rules_of = self.rules_of
+        rfind, find = block.rfind, block.find
+        end = -1
         for to, idx in self._ends(block):
-            if to > cur_end:
-                if cur_end >= 0:
-                    yield cur_start, cur_end, cur
-                cur_start = block.rfind(b"\n", 0, to) + 1
-                e = block.find(b"\n", to)
-                cur_end = len(block) if e < 0 else e
-                cur = rules_of[idx]
-            elif rules_of[idx] is not cur:
-                cur = tuple(dict.fromkeys(cur + rules_of[idx]))
-        if cur_end >= 0:
-            yield cur_start, cur_end, cur
+            if to > end:  # the first literal of a new line
+                end = find(b"\n", to - 1)
+                out.append((rfind(b"\n", 0, to) + 1, end, rules_of[idx]))
+            else:  # another literal on the same line
+                start, end, cur = out[-1]
+                if rules_of[idx] is not cur:
+                    out[-1] = (start, end, tuple(dict.fromkeys(cur + rules_of[idx])))
+        return out
 
 
 def load_packs(names: Iterable[str]) -> list[RulePack]:

@@ -7,6 +7,7 @@ expired (a real ban would have dropped them), so repeat offences escalate as the
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from relayguard.decide import Allowlist, History, Policy, decide
-from relayguard.model import Hit
+from relayguard.memory import without_gc
+from relayguard.model import Hit, make_hit
 from relayguard.parse import Clock, Counters, Matcher, RulePack
 from relayguard.score import Scorer, Window
 
-BLOCK = 8 << 20
+BLOCK = 1 << 20  # read size: a block and its lines stay in the core's cache while they are parsed
 
 
 @dataclass(slots=True)
@@ -59,9 +61,10 @@ def open_log(path: str) -> BinaryIO:
     return fh
 
 
-def blocks(fh: BinaryIO, size: int = BLOCK) -> Iterator[tuple[bytes, int]]:
-    """(block of whole lines, 1-based number of its first line)."""
-    lineno, rest = 1, b""
+def blocks(fh: BinaryIO, size: int = BLOCK, count: bool = True) -> Iterator[tuple[bytes, int]]:
+    """(block of whole lines, 1-based number of its first line; 0 with count=False, which
+    saves a pass over every block)."""
+    lineno, rest = (1 if count else 0), b""
     while True:
         data = fh.read(size)
         if not data:
@@ -73,28 +76,71 @@ def blocks(fh: BinaryIO, size: int = BLOCK) -> Iterator[tuple[bytes, int]]:
             continue
         rest = data[cut:]
         yield data[:cut], lineno
-        lineno += data.count(b"\n", 0, cut)
+        if count:
+            lineno += data.count(b"\n", 0, cut)
     if rest:
         yield rest + b"\n", lineno
 
 
-PARALLEL_MIN = 32 << 20  # below this a second process costs more than it saves
-HEAD_SHARE = 0.42  # the parent also scores, so the child parses the larger part
+PARALLEL_MIN = 32 << 20  # below this, more processes cost more than they save
+_BATCH = 8192  # hits per pickled batch in a spool
 
 
-def _split_point(path: str) -> int | None:
-    """Where to cut a big plain log between two processes (at a line start), or None."""
-    if (os.cpu_count() or 1) < 2 or not hasattr(os, "fork"):
-        return None
-    size = os.path.getsize(path)
-    if size < PARALLEL_MIN:
-        return None
+class ScanError(Exception):
+    """A file that cannot be read as a log: its name and why, for a one-line error."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """Bytes [start, end) of a plain log file, cut at line starts."""
+
+    path: str
+    start: int
+    end: int
+    ref: float  # the file's mtime: the reference year of its classic timestamps
+
+
+def _is_gzip(path: str) -> bool:
     with open(path, "rb") as fh:
-        if fh.read(2) == b"\x1f\x8b":
-            return None
-        fh.seek(int(size * HEAD_SHARE))
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _line_start(path: str, pos: int) -> int:
+    """The first line start at or after `pos`."""
+    if pos == 0:
+        return 0
+    with open(path, "rb") as fh:
+        fh.seek(pos - 1)
         fh.readline()
         return fh.tell()
+
+
+def _shares(paths: Sequence[str], n: int) -> list[list[_Segment]]:
+    """The files, in order, as `n` runs of segments of about equal size."""
+    sizes = [(p, os.path.getsize(p), os.stat(p).st_mtime) for p in paths]
+    total = sum(size for _, size, _ in sizes)
+    shares: list[list[_Segment]] = [[] for _ in range(n)]
+    base = 0
+    for path, size, ref in sizes:
+        for k in range(n):
+            lo = max(0, total * k // n - base)
+            hi = min(size, total * (k + 1) // n - base) if k < n - 1 else size
+            if lo < hi:
+                start, end = _line_start(path, lo), _line_start(path, hi) if hi < size else size
+                if start < end:
+                    shares[k].append(_Segment(path, start, end, ref))
+        base += size
+    return shares
+
+
+def _workers(paths: Sequence[str], min_size: int) -> int:
+    """How many processes to scan with: one per core, for big plain files only."""
+    n = min(os.cpu_count() or 1, 8)
+    if n < 2 or not hasattr(os, "fork"):
+        return 1
+    if any(_is_gzip(p) for p in paths) or sum(os.path.getsize(p) for p in paths) < min_size:
+        return 1
+    return n
 
 
 class _Limited:
@@ -109,81 +155,168 @@ class _Limited:
         return data
 
 
-class _TailParser:
-    """Parses [split, EOF) of a file in a forked child. Hits come back pickled in batches through an
-    unlinked temporary file: the child never blocks on a full pipe, and the parent holds one batch
-    at a time, not the whole tail."""
+class _Shuffle:
+    """Map -> shuffle -> reduce over forked workers, for big plain logs without an event listing.
 
-    BATCH = 8192
+    Worker k parses share k of the files and sends each hit to the worker that owns its address
+    (hash(addr) mod n); then every worker scores the addresses it owns, in file order (the hits
+    of share 0, then of share 1, ...), so the result is exactly that of one process. Scoring is
+    per address and needs nothing from other addresses, which is what makes the split exact.
+    Hits travel as pickled batches through unlinked temporary files, one per (share, owner); a
+    worker signals "share parsed" by closing its pipe. Worker 0 is this process; the others
+    send back their offenders and counters. Matchers start fresh at a share boundary, so an
+    OpenSMTPD session cut in two loses the events after the cut (one session, at most).
+    """
 
-    def __init__(self, packs: Sequence[RulePack], clock: Clock, path: str, split: int, numbered: bool) -> None:
-        self.args = (packs, clock, path, split, numbered)
-        self.counters = Counters()
-        self.pid = 0
-        self.spool: BinaryIO | None = None
+    OWN_MAX = 1 << 18  # own hits kept in memory; beyond this they go through the spool too
 
-    def __enter__(self) -> _TailParser:
-        self.spool = tempfile.TemporaryFile()  # closed in __exit__
-        self.pid = os.fork()
-        if self.pid == 0:  # child: never returns
-            code = 0
+    def __init__(self, replay: Replay, shares: list[list[_Segment]]) -> None:
+        self.replay = replay
+        self.shares = shares
+        self.n = len(shares)
+
+    def run(self) -> None:
+        n = self.n
+        with contextlib.ExitStack() as files:
+            def spool() -> BinaryIO:
+                return files.enter_context(tempfile.TemporaryFile())
+
+            # spools[j][k]: hits of share j for owner k; results[k]: what worker k >= 1 sends back
+            self.spools = [[spool() for _ in range(n)] for _ in range(n)]
+            self.results = [spool() for _ in range(n)]
+            self.pipes = [os.pipe() for _ in range(n)]
+            pids: list[int] = []
             try:
-                self._child(self.spool)
-            except BaseException:  # reported through the exit status
-                code = 1
-            os._exit(code)
-        return self
+                for k in range(1, n):
+                    pid = os.fork()
+                    if pid == 0:  # a worker: never returns
+                        self._child(k)
+                    pids.append(pid)
+                self._signals_for(0)
+                self.replay._count(self._work(0))
+                for k in range(1, n):
+                    self._collect(k, pids[k - 1])
+                    pids[k - 1] = 0
+            finally:
+                for r, w in self.pipes:  # first: a worker waiting for our share must see EOF
+                    for fd in (r, w):
+                        if fd >= 0:
+                            os.close(fd)
+                for pid in pids:
+                    if pid:
+                        os.waitpid(pid, 0)
 
-    def _child(self, out: BinaryIO) -> None:
-        packs, clock, path, split, numbered = self.args
-        matcher = Matcher(packs, clock, keep_text=False)
-        dump = pickle.dump
-        with open(path, "rb") as fh:
-            first = 1 + (_count_lines(fh, split) if numbered else 0)
-            fh.seek(split)
-            batch: list[tuple] = []
-            for block, n in blocks(fh):
-                for hit in matcher.scan(block, path, first + n - 1, numbered):
-                    batch.append(tuple(hit))
-                    if len(batch) >= self.BATCH:
-                        dump(batch, out, pickle.HIGHEST_PROTOCOL)
-                        batch = []
-        dump(batch, out, pickle.HIGHEST_PROTOCOL)
-        dump(matcher.counters, out, pickle.HIGHEST_PROTOCOL)
-        out.flush()
+    def _signals_for(self, k: int) -> None:
+        """Keep only our own pipe's write end: the others must see EOF when their writer ends."""
+        for j, (_, w) in enumerate(self.pipes):
+            if j != k:
+                os.close(w)
+                self.pipes[j] = (self.pipes[j][0], -1)
 
-    def hits(self) -> Iterator[Hit]:
-        assert self.spool is not None
-        _, status = os.waitpid(self.pid, 0)
-        self.pid = 0
-        if status != 0:
-            raise OSError(f"parser process failed (status {status})")
-        self.spool.seek(0)
-        make = Hit._make
+    def _child(self, k: int) -> None:
+        code = 0
+        out = self.results[k]
+        try:
+            self._signals_for(k)
+            counters = self._work(k)
+            replay = self.replay
+            pickle.dump((counters, replay.offenders), out, pickle.HIGHEST_PROTOCOL)
+        except BaseException as e:  # reported to the parent, which raises it
+            code = 1
+            with contextlib.suppress(BaseException):
+                out.seek(0)
+                out.truncate()
+                pickle.dump(ScanError(str(e) or type(e).__name__), out, pickle.HIGHEST_PROTOCOL)
+        with contextlib.suppress(BaseException):
+            out.flush()
+        os._exit(code)
+
+    def _collect(self, k: int, pid: int) -> None:
+        _, status = os.waitpid(pid, 0)
+        fh = self.results[k]
+        fh.seek(0)
+        try:
+            got = pickle.load(fh)
+        except (EOFError, pickle.UnpicklingError):
+            raise ScanError(f"scan worker {k} failed (status {status})") from None
+        if isinstance(got, BaseException):
+            raise got
+        counters, offenders = got
+        self.replay._count(counters)
+        self.replay.offenders.update(offenders)
+
+    # -- one worker
+
+    def _work(self, k: int) -> Counters:
+        own, counters = self._parse(k)
+        _, w = self.pipes[k]
+        os.close(w)  # share k is parsed: owners may read its spools
+        self.pipes[k] = (self.pipes[k][0], -1)
+        self._score(k, own)
+        return counters
+
+    def _parse(self, k: int) -> tuple[list[Hit], Counters]:
+        n = self.n
+        own: list[Hit] = []
+        out: list[list[Hit]] = [[] for _ in range(n)]
+        total = Counters()
+        for seg in self.shares[k]:
+            matcher = Matcher(self.replay.packs, Clock(ref=seg.ref), keep_text=False)
+            with open(seg.path, "rb") as fh:
+                fh.seek(seg.start)
+                for block, _ in blocks(_Limited(fh, seg.end), count=False):
+                    for hit in matcher.scan(block, seg.path, 0, False):
+                        out[hash(hit.addr) % n].append(hit)
+                    if len(out[k]) > self.OWN_MAX:  # memory stays bounded: our own hits spill too
+                        self._spill(k, k, out[k])
+                    for owner in range(n):
+                        if owner != k and len(out[owner]) >= _BATCH:
+                            self._spill(k, owner, out[owner])
+            _add_counters(total, matcher.counters)
+        for owner in range(n):
+            if owner != k:
+                self._spill(k, owner, out[owner])
+            self.spools[k][owner].flush()
+        own = out[k]
+        return own, total
+
+    def _spill(self, k: int, owner: int, hits: list[Hit]) -> None:
+        """Hits of share k for `owner` into their spool, as plain tuples (pickled in C)."""
+        if hits:
+            pickle.dump(list(map(tuple, hits)), self.spools[k][owner], pickle.HIGHEST_PROTOCOL)
+            hits.clear()
+
+    def _score(self, k: int, own: list[Hit]) -> None:
+        feed = self.replay.feed
+        for j in range(self.n):
+            if j != k:
+                r, _ = self.pipes[j]
+                while os.read(r, 4096):  # until share j is parsed (EOF: its worker closed the pipe)
+                    pass
+            for hit in self._spooled(self.spools[j][k]):  # our own share: what spilled first
+                feed(hit)
+            if j == k:
+                for hit in own:
+                    feed(hit)
+
+    @staticmethod
+    def _spooled(fh: BinaryIO) -> Iterator[Hit]:
+        fh.seek(0)
         while True:
-            batch = pickle.load(self.spool)
-            if isinstance(batch, Counters):
-                self.counters = batch
+            try:
+                batch = pickle.load(fh)
+            except EOFError:
                 return
-            for t in batch:
-                yield make(t)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pid:
-            os.waitpid(self.pid, 0)
-        if self.spool is not None:
-            self.spool.close()
+            yield from map(make_hit, batch)
 
 
-def _count_lines(fh: BinaryIO, end: int) -> int:
-    n, left = 0, end
-    while left > 0:
-        data = fh.read(min(BLOCK, left))
-        if not data:
-            break
-        n += data.count(b"\n")
-        left -= len(data)
-    return n
+def _add_counters(total: Counters, c: Counters) -> None:
+    total.lines += c.lines
+    total.candidates += c.candidates
+    total.hits += c.hits
+    total.garbage += c.garbage
+    for rule, v in c.by_rule.items():
+        total.by_rule[rule] = total.by_rule.get(rule, 0) + v
 
 
 class Replay:
@@ -202,31 +335,36 @@ class Replay:
         self.lines = self.hits = self.garbage = 0
         self.by_rule: dict[str, int] = {}
 
+    def run_all(self, paths: Sequence[str], min_parallel: int = PARALLEL_MIN) -> None:
+        """Every file, in order, as one log. Big plain logs are parsed and scored on every core
+        (see _Shuffle) unless events are listed, which must come out in file order."""
+        with without_gc():
+            self._run_all(paths, min_parallel)
+
+    def _run_all(self, paths: Sequence[str], min_parallel: int) -> None:
+        n = 1 if self.on_hit is not None else _workers(paths, min_parallel)
+        if n > 1:
+            try:
+                _Shuffle(self, _shares(paths, n)).run()
+            except (OSError, EOFError) as e:
+                raise ScanError(f"{e.filename if isinstance(e, OSError) and e.filename else paths[0]}: {e}") from e
+            return
+        for path in paths:
+            try:
+                self.run(path)
+            except (OSError, EOFError) as e:
+                raise ScanError(f"{path}: {e}") from e
+
     def run(self, path: str) -> None:
-        clock = Clock(ref=os.stat(path).st_mtime)
+        """One file, in this process."""
+        matcher = Matcher(self.packs, Clock(ref=os.stat(path).st_mtime), keep_text=False)
         numbered = self.on_hit is not None  # only event listings show line numbers
         feed = self.feed
-        split = _split_point(path)
-        if split is None:
-            matcher = Matcher(self.packs, clock, keep_text=False)
-            with open_log(path) as fh:
-                for block, first in blocks(fh):
-                    for hit in matcher.scan(block, path, first, numbered):
-                        feed(hit)
-            self._count(matcher.counters)
-            return
-        # Big plain file: a child parses the tail while we parse and score the head, then we
-        # score the child's hits. Scoring stays in one process and in file order.
-        with _TailParser(self.packs, clock, path, split, numbered) as tail:
-            matcher = Matcher(self.packs, clock, keep_text=False)
-            with open(path, "rb") as fh:
-                for block, first in blocks(_Limited(fh, split)):
-                    for hit in matcher.scan(block, path, first, numbered):
-                        feed(hit)
-            self._count(matcher.counters)
-            for hit in tail.hits():
-                feed(hit)
-            self._count(tail.counters)
+        with open_log(path) as fh:
+            for block, first in blocks(fh, count=numbered):
+                for hit in matcher.scan(block, path, first, numbered):
+                    feed(hit)
+        self._count(matcher.counters)
 
     def _count(self, c: Counters) -> None:
         self.lines += c.lines

@@ -49,28 +49,32 @@ def _event(hit: Hit, ws: tuple[int, ...] | None = None) -> Event:
 
 
 class _Sum:
-    """Running score of one window over one address's sorted events."""
+    """Running score of one window over one address's sorted events.
 
-    __slots__ = ("groups", "keys", "plain", "start")
+    `pos` is the sum of the groups that are above zero, kept as they change, so the score is
+    two additions however many groups there are (it is read after every event).
+    """
+
+    __slots__ = ("groups", "keys", "plain", "pos", "start")
 
     def __init__(self) -> None:
         self.start = 0  # index of the oldest event inside the window
         self.plain = 0
+        self.pos = 0
         self.groups: dict[str, int] | None = None
         self.keys: dict[tuple[str, str], int] | None = None
 
     def score(self) -> int:
-        if not self.groups:
-            return self.plain
-        return self.plain + sum(v for v in self.groups.values() if v > 0)
+        return self.plain + self.pos
 
     def weigh(self, ev: Event) -> int:
         """Adds an event; returns the weight it counts with (its key may make it a repeat)."""
         w = ev[W]
         key = ev[KEY]
         if key is not None:
-            keys = self.keys if self.keys is not None else {}
-            self.keys = keys
+            keys = self.keys
+            if keys is None:
+                keys = self.keys = {}
             k = (ev[RULE], key)
             n = keys.get(k, 0)
             if n and ev[RW] is not None:
@@ -79,10 +83,13 @@ class _Sum:
         group = ev[GROUP]
         if group is None:
             self.plain += w
-        else:
-            groups = self.groups if self.groups is not None else {}
-            self.groups = groups
-            groups[group] = groups.get(group, 0) + w
+        else:  # inline rather than a call: this runs for nearly every event
+            groups = self.groups
+            if groups is None:
+                groups = self.groups = {}
+            old = groups.get(group, 0)
+            new = groups[group] = old + w
+            self.pos += (new if new > 0 else 0) - (old if old > 0 else 0)
         return w
 
     def drop(self, ev: Event, w: int) -> None:
@@ -98,7 +105,9 @@ class _Sum:
         if group is None:
             self.plain -= w
         elif self.groups is not None:
-            self.groups[group] = self.groups.get(group, 0) - w
+            old = self.groups.get(group, 0)
+            new = self.groups[group] = old - w
+            self.pos += (new if new > 0 else 0) - (old if old > 0 else 0)
 
 
 class _Track:
@@ -218,21 +227,24 @@ class Scorer:
         """In-order arrival: slide each window's start past old events, add the new one."""
         events = tr.events
         n = len(events)
+        ts = ev[TS]
         ws = []
         crossed = -1
-        for i, win in enumerate(self.windows):
-            s = tr.sums[i]
-            lo = ev[TS] - win.seconds
-            while s.start < n and events[s.start][TS] <= lo:
-                old = events[s.start]
+        for i, (win, s) in enumerate(zip(self.windows, tr.sums, strict=True)):
+            lo = ts - win.seconds
+            start = s.start
+            while start < n and events[start][TS] <= lo:
+                old = events[start]
                 s.drop(old, old[WS][i])  # type: ignore[index]
-                s.start += 1
+                start += 1
+            s.start = start
             ws.append(s.weigh(ev))
-            if crossed < 0 and s.score() >= win.threshold:
+            if crossed < 0 and s.plain + s.pos >= win.threshold:
                 crossed = i
         events.append((*ev[:WS], tuple(ws)))
         offense = self._offense(addr, tr, crossed) if crossed >= 0 else None
-        self._trim(tr)
+        if n > 64:
+            self._trim(tr)
         return offense
 
     def _trim(self, tr: _Track) -> None:

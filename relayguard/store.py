@@ -19,7 +19,6 @@ import ipaddress
 import json
 import operator
 import os
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -314,12 +313,14 @@ class Store:
             changed = [rows[k] for k in dirty]
             fresh = [_ban_values(r) for r in changed if r.get("id") is None]
             known = [_update_values(r) for r in changed if r.get("id") is not None]
+            # Rows in key order: each index B-tree then fills page by page instead of at random
+            # (100,000 new bans: 0.6 -> 0.4 s of SQLite).
             if fresh:
-                c.exec_driver_sql(_INSERT_BANS, fresh)
+                c.exec_driver_sql(_INSERT_BANS, sorted(fresh, key=operator.itemgetter(0)))
             if known:
                 c.exec_driver_sql(_UPDATE_BANS, known)
             if history:
-                c.exec_driver_sql(_INSERT_HISTORY, history)
+                c.exec_driver_sql(_INSERT_HISTORY, sorted(history, key=operator.itemgetter(0)))
 
     def active_bans(self, now: float) -> list[Ban]:
         """Bans in force at `now`, soonest expiry first, permanent ones last."""
@@ -615,16 +616,7 @@ def _set_meta(c: Connection, key: str, value: str) -> None:
 
 def _key(net: Network | str) -> str:
     """Canonical text of a network: what the `net` columns hold."""
-    if isinstance(net, str):
-        return net_text(parse_net(net))
-    if net.prefixlen != net.max_prefixlen:
-        return str(net)
-    if net.version == 4:
-        return str(net.network_address)
-    # inet_ntop (C) writes RFC 5952 text as ipaddress does, ten times faster. Where glibc writes a
-    # dotted IPv4 tail (::a.b.c.d, ::ffff:a.b.c.d) ipaddress does not; parse_net decides those.
-    text = socket.inet_ntop(socket.AF_INET6, net.network_address.packed)
-    return net_text(parse_net(str(net.network_address))) if "." in text else text
+    return net_text(parse_net(net) if isinstance(net, str) else net)
 
 
 def _canonical_net(key: str, given: Network) -> Network:

@@ -293,8 +293,12 @@ def field_values(rule: str, index: int) -> st.SearchStrategy[dict[str, str]]:
 
 
 def match_lines(matcher: Matcher, text: str) -> list:
-    """A template may be a session: its lines go through one matcher in order."""
-    return [h for line in text.split("\n") for h in matcher.match(line)]
+    """A template may be a session: its lines go through one matcher in order. Both paths: one
+    line at a time as text (`match`), and the block path of the tailer and `scan` (prefilter,
+    then the line's bytes matched in place when it is ASCII), on a fresh matcher of the pack."""
+    by_line = [h for line in text.split("\n") for h in matcher.match(line)]
+    block = Matcher(matcher.packs).scan(text.encode("utf-8", "surrogateescape") + b"\n")
+    return by_line + block
 
 
 def test_every_rule_has_a_template() -> None:
@@ -308,7 +312,7 @@ def test_every_rule_has_a_template() -> None:
 def test_neutral_template_hits(rule: str, index: int, real: str) -> None:
     line = render(rule, index, real, {})
     hits = match_lines(MATCHERS[rule.split("/", 1)[0]], line)
-    assert [(h.rule, h.addr) for h in hits] == [(rule, canonical_addr(real))], line
+    assert [(h.rule, h.addr) for h in hits] == [(rule, canonical_addr(real))] * 2, line  # both paths
 
 
 @pytest.mark.parametrize(("rule", "index"), CASES, ids=[f"{r}#{i}" for r, i in CASES])

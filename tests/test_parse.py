@@ -130,3 +130,18 @@ def test_classic_clock_is_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("TZ", "UTC")
         time.tzset()
     assert datetime.fromtimestamp(0, UTC).year == 1970
+
+
+def test_a_rule_may_name_several_literals(tmp_path) -> None:
+    """`literal` as a list: a line holding any one is a candidate; each must be selective."""
+    f = tmp_path / "two.toml"
+    f.write_text('programs = "^x$"\n[[rule]]\nid = "a"\nservice = "s"\nweight = 5\nwhy = "w"\n'
+                 "regex = '^(?:bad login|login refused) from (?P<addr>\\S+)$'\n"
+                 'literal = ["bad login", "login refused"]\n')
+    m = Matcher([load_pack(str(f))])
+    block = (b"Dec  3 19:56:01 mx x[1]: bad login from 192.0.2.1\n"
+             b"Dec  3 19:56:02 mx x[1]: login refused from 192.0.2.2\n")
+    assert [h.addr for h in m.scan(block)] == ["192.0.2.1", "192.0.2.2"]
+    f.write_text(f.read_text().replace('"login refused"]', '"ref"]'))
+    with pytest.raises(PackError, match="literal"):
+        load_pack(str(f))

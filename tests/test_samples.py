@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from relayguard import parse
 from relayguard.model import canonical_addr
 from relayguard.parse import PACK_NAMES, Matcher, load_pack
 
@@ -83,11 +84,17 @@ def test_samples_line_by_line(name: str) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("prefilter", ["hyperscan", "re2"])
 @pytest.mark.parametrize("name", PACK_NAMES)
-def test_samples_as_one_block(name: str) -> None:
+def test_samples_as_one_block(name: str, prefilter: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block path: the prefilter (Hyperscan, or RE2 where Hyperscan has no wheel), then each
+    line matched in place on its bytes (ASCII lines) or as text (the others)."""
+    if prefilter == "re2":
+        monkeypatch.setattr(parse, "hyperscan", None)
     path = SAMPLES / f"{name}.log"
     expected = {(s.lineno, rule, addr) for s in read_samples(path) for rule, addr in s.hits}
     matcher = Matcher([load_pack(name)])
+    assert (matcher._prefilter._db is None) == (prefilter == "re2")
     got = {(h.lineno, h.rule, h.addr) for h in matcher.scan(path.read_bytes(), str(path))}
     assert got == expected, f"missing: {sorted(expected - got)}; unexpected: {sorted(got - expected)}"
 

@@ -118,3 +118,35 @@ def test_missing_file_is_one_line_exit_1(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(args: list[str], log: Path) -> None:
     r = run("scan", *args, *([str(log)] if args else []), check=False)
     assert r.returncode == 2, r.stderr
+
+
+def _replay_offenders(paths: list[str], min_parallel: int) -> tuple[list[tuple], tuple]:
+    from relayguard.decide import Policy, allowlist
+    from relayguard.parse import PACK_NAMES, load_packs
+    from relayguard.scan import Replay
+    from relayguard.score import Window
+
+    replay = Replay(load_packs(PACK_NAMES), [Window("short", 600, 10), Window("long", 6 * 3600, 24)], Policy(),
+                    allowlist([], ignore_self=False))
+    replay.run_all(paths, min_parallel=min_parallel)
+    r = replay.result(paths)
+    offenders = [(o.ip, o.score, o.events, o.first, o.last, sorted(o.rules.items()), o.bans) for o in r.offenders]
+    return offenders, (r.lines, r.hits, r.garbage, sorted(r.by_rule.items()))
+
+
+def test_every_core_finds_what_one_process_finds(log: Path, tmp_path: Path) -> None:
+    """The parallel path (each core parses a share, each scores the addresses it owns) gives
+    exactly the single-process result: one file cut in shares, and two files cut across."""
+    import os
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: scan never forks here")
+    one = _replay_offenders([str(log)], min_parallel=1 << 62)
+    assert one[0] and one[1][1] > 1000
+    assert _replay_offenders([str(log)], min_parallel=0) == one
+    data = log.read_bytes()
+    cut = data.index(b"\n", len(data) // 3) + 1
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_bytes(data[:cut])
+    b.write_bytes(data[cut:])
+    assert _replay_offenders([str(a), str(b)], min_parallel=0) == one
