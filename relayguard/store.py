@@ -291,28 +291,22 @@ class Store:
         if not bans:
             return
         keyed = [(_key(b.net), b) for b in bans]
-        keys = _json_keys(k for k, _ in keyed)
+        unique = dict.fromkeys(k for k, _ in keyed)
+        keys = json.dumps(list(unique))
         with self._tx(write=True) as c:
             found = c.exec_driver_sql(_SELECT_BANS, (keys,))
             cols = list(found.keys())
             rows: dict[str, dict[str, Any]] = {r["net"]: r for r in (dict(zip(cols, t, strict=True))
                                                                     for t in found.all())}
             seen: set[tuple[str, float]] = {(r[0], r[1]) for r in c.exec_driver_sql(_SELECT_OFFENCES, (keys,)).all()}
-            dirty: set[str] = set()
-            history: list[tuple[Any, ...]] = []
-            for key, b in keyed:
-                new = (key, b.banned_at) not in seen
-                old = rows.get(key)
-                if not new and old is not None and not old["active"]:
-                    continue  # a replay of an offence that already ended
-                rows[key] = row = _merge(old, key, b, new_offence=new)
-                dirty.add(key)
-                if new:
-                    seen.add((key, b.banned_at))
-                    history.append(_history_values(key, b, row["count"]))
-            changed = [rows[k] for k in dirty]
-            fresh = [_ban_values(r) for r in changed if r.get("id") is None]
-            known = [_update_values(r) for r in changed if r.get("id") is not None]
+            if not rows and not seen and len(unique) == len(keyed):
+                # The bulk case (a list of new addresses): no row, no history, each network once,
+                # so every ban is a new row and a new offence, exactly as _merge would make them.
+                fresh = [(k, b.reason, b.rule, b.source, b.banned_at, b.expires, b.count, 1) for k, b in keyed]
+                history = [_history_values(k, b, b.count) for k, b in keyed]
+                known = []
+            else:
+                fresh, known, history = self._merged(keyed, rows, seen)
             # Rows in key order: each index B-tree then fills page by page instead of at random
             # (100,000 new bans: 0.6 -> 0.4 s of SQLite).
             if fresh:
@@ -321,6 +315,27 @@ class Store:
                 c.exec_driver_sql(_UPDATE_BANS, known)
             if history:
                 c.exec_driver_sql(_INSERT_HISTORY, sorted(history, key=operator.itemgetter(0)))
+
+    @staticmethod
+    def _merged(keyed: list[tuple[str, Ban]], rows: dict[str, dict[str, Any]], seen: set[tuple[str, float]]
+                ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """(rows to insert, rows to update, history rows) for bans over existing rows and offences."""
+        dirty: set[str] = set()
+        history: list[tuple[Any, ...]] = []
+        for key, b in keyed:
+            new = (key, b.banned_at) not in seen
+            old = rows.get(key)
+            if not new and old is not None and not old["active"]:
+                continue  # a replay of an offence that already ended
+            rows[key] = row = _merge(old, key, b, new_offence=new)
+            dirty.add(key)
+            if new:
+                seen.add((key, b.banned_at))
+                history.append(_history_values(key, b, row["count"]))
+        changed = [rows[k] for k in dirty]
+        fresh = [_ban_values(r) for r in changed if r.get("id") is None]
+        known = [_update_values(r) for r in changed if r.get("id") is not None]
+        return fresh, known, history
 
     def active_bans(self, now: float) -> list[Ban]:
         """Bans in force at `now`, soonest expiry first, permanent ones last."""

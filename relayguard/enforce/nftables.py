@@ -72,16 +72,13 @@ def set_for(net: Network) -> str:
     return (SINGLE_SETS if is_single(net) else NET_SETS)[net.version]
 
 
-def _value(net: Network) -> str | Json:
-    if is_single(net):
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+def _value(net: Network) -> str:
+    """An element in nft's syntax: the address, or the prefix."""
+    return addr_text(net) if is_single(net) else f"{addr_text(net)}/{net.prefixlen}"
 
 
-def _element(net: Network, timeout: int | None) -> str | Json:
-    if timeout is None:
-        return _value(net)
-    return {"elem": {"val": _value(net), "timeout": min(timeout, MAX_TIMEOUT)}}
+def _element(net: Network, timeout: int | None) -> str:
+    return _value(net) if timeout is None else f"{_value(net)} timeout {min(timeout, MAX_TIMEOUT)}s"
 
 
 def _nets_of(val: Any) -> list[Network]:
@@ -115,6 +112,8 @@ def _elements(objects: Iterable[Json], names: Iterable[str]) -> dict[Network, fl
 class _Runner(Protocol):
     def run(self, cmds: list[Json]) -> list[Json]: ...
 
+    def run_text(self, text: str) -> None: ...
+
 
 def _error(text: str) -> FirewallError:
     """The first meaningful line of nft's error output."""
@@ -146,6 +145,11 @@ class _Lib:
             raise _error(err)
         return out["nftables"] if out else []
 
+    def run_text(self, text: str) -> None:
+        rc, _, err = self._nft.cmd(text)
+        if rc != 0:
+            raise _error(err)
+
 
 class _Cli:
     """`nft -j -f -`: one process per transaction, for hosts without the Python bindings."""
@@ -162,6 +166,14 @@ class _Cli:
         if proc.returncode != 0:
             raise _error(proc.stderr)
         return json.loads(proc.stdout)["nftables"] if proc.stdout.strip() else []
+
+    def run_text(self, text: str) -> None:
+        try:
+            proc = subprocess.run([self._path, "-f", "-"], input=text, capture_output=True, text=True, check=False)
+        except OSError as e:
+            raise FirewallError(f"nftables: cannot run {self._path}: {e.strerror}") from None
+        if proc.returncode != 0:
+            raise _error(proc.stderr)
 
 
 def _runner(kind: str, nft: str) -> _Runner:
@@ -302,7 +314,9 @@ class NftSets:
         for attempt in (1, 2):
             live = self._live_nets() if has_nets else {}
             try:
-                self._run(_commands(batch, now, live, self._known))
+                text = _commands(batch, now, live, self._known)
+                if text:
+                    self._nft.run_text(text)
                 break
             except FirewallError as e:
                 if _missing(e) and not self.present():
@@ -333,14 +347,18 @@ class NftSets:
 
 
 def _commands(batch: Batch, now: float, live: dict[Network, float | None],
-              known: dict[str, float | None] | None = None) -> list[Json]:
+              known: dict[str, float | None] | None = None) -> str:
     """One transaction: [add placeholders] + deletes + adds, each grouped per set.
+
+    In nft's own syntax rather than JSON: libnftables reads 100,000 elements of text in 0.33 s, of
+    JSON in 0.56 s (plus json.dumps, which holds the GIL the database thread wants meanwhile). Every
+    value is an address or prefix written from a parsed network: nothing to quote.
 
     `known`: single addresses believed in the set (-> expiry); only those need the delete-and-add
     that refreshes a timeout, the rest are plain adds."""
-    pre: dict[str, list[Any]] = defaultdict(list)
-    dels: dict[str, list[Any]] = defaultdict(list)
-    adds: dict[str, list[Any]] = defaultdict(list)
+    pre: dict[str, list[str]] = defaultdict(list)
+    dels: dict[str, list[str]] = defaultdict(list)
+    adds: dict[str, list[str]] = defaultdict(list)
     singles: dict[Network, float | None] = {}
     nets: dict[Network, float | None] = {}
     for n, e in batch.add.items():
@@ -358,7 +376,7 @@ def _commands(batch: Batch, now: float, live: dict[Network, float | None],
             pre[s].append(text)
             dels[s].append(text)
         timeout = timeout_for(expires, now)
-        adds[s].append(text if timeout is None else {"elem": {"val": text, "timeout": min(timeout, MAX_TIMEOUT)}})
+        adds[s].append(text if timeout is None else f"{text} timeout {min(timeout, MAX_TIMEOUT)}s")
     removed = set(batch.remove)
     kept = [n for n in live if n not in removed]
     placed, drop = place_nets(nets, kept)
@@ -367,10 +385,11 @@ def _commands(batch: Batch, now: float, live: dict[Network, float | None],
     for net, expires in placed.items():
         adds[set_for(net)].append(_element(net, timeout_for(expires, now)))
 
-    def group(verb: str, per_set: dict[str, list[Any]]) -> list[Json]:
-        return [{verb: {"element": {**_T, "name": s, "elem": elems}}} for s, elems in per_set.items() if elems]
+    def group(verb: str, per_set: dict[str, list[str]]) -> list[str]:
+        return [f"{verb} element {FAMILY} {TABLE} {s} {{ {', '.join(elems)} }}" for s, elems in per_set.items()
+                if elems]
 
-    return group("add", pre) + group("delete", dels) + group("add", adds)
+    return "\n".join(group("add", pre) + group("delete", dels) + group("add", adds))
 
 
 def _believed_present(known: dict[str, float | None], text: str, now: float) -> bool:
