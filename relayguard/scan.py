@@ -183,6 +183,9 @@ class _Shuffle:
 
             # spools[j][k]: hits of share j for owner k; results[k]: what worker k >= 1 sends back
             self.spools = [[spool() for _ in range(n)] for _ in range(n)]
+            # marks[j][k]: share j's evidence weight per address that worker k owns (see _score)
+            self.marks = [[spool() for _ in range(n)] for _ in range(n)]
+            self.weights: list[dict[str, int]] = [{} for _ in range(n)]
             self.results = [spool() for _ in range(n)]
             self.pipes = [os.pipe() for _ in range(n)]
             pids: list[int] = []
@@ -257,7 +260,6 @@ class _Shuffle:
 
     def _parse(self, k: int) -> tuple[list[Hit], Counters]:
         n = self.n
-        own: list[Hit] = []
         out: list[list[Hit]] = [[] for _ in range(n)]
         total = Counters()
         for seg in self.shares[k]:
@@ -267,37 +269,56 @@ class _Shuffle:
                 for block, _ in blocks(_Limited(fh, seg.end), count=False):
                     for hit in matcher.scan(block, seg.path, 0, False):
                         out[hash(hit.addr) % n].append(hit)
-                    if len(out[k]) > self.OWN_MAX:  # memory stays bounded: our own hits spill too
-                        self._spill(k, k, out[k])
                     for owner in range(n):
-                        if owner != k and len(out[owner]) >= _BATCH:
-                            self._spill(k, owner, out[owner])
+                        if len(out[owner]) >= (self.OWN_MAX if owner == k else _BATCH):
+                            self._spill(k, owner, out[owner])  # own hits too: memory stays bounded
             _add_counters(total, matcher.counters)
         for owner in range(n):
             if owner != k:
                 self._spill(k, owner, out[owner])
+            else:
+                _add_weights(self.weights[k], out[k])
             self.spools[k][owner].flush()
-        own = out[k]
-        return own, total
+            if owner != k:  # what share k holds against each address the owner scores
+                pickle.dump(self.weights[owner], self.marks[k][owner], pickle.HIGHEST_PROTOCOL)
+                self.marks[k][owner].flush()
+        return out[k], total
 
     def _spill(self, k: int, owner: int, hits: list[Hit]) -> None:
         """Hits of share k for `owner` into their spool, as plain tuples (pickled in C)."""
         if hits:
+            _add_weights(self.weights[owner], hits)
             pickle.dump(list(map(tuple, hits)), self.spools[k][owner], pickle.HIGHEST_PROTOCOL)
             hits.clear()
 
     def _score(self, k: int, own: list[Hit]) -> None:
-        feed = self.replay.feed
+        """Scores the addresses we own, share by share, once every share is parsed.
+
+        An address whose evidence in the whole replay weighs less than the lowest threshold can
+        reach no threshold in any window (credits only lower a window's sum), so its hits are
+        skipped unscored: on a mail server that is nearly every legitimate sender and all the
+        credits their accepted messages earn, a third of the scoring."""
+        weights = self.weights[k]
         for j in range(self.n):
             if j != k:
                 r, _ = self.pipes[j]
                 while os.read(r, 4096):  # until share j is parsed (EOF: its worker closed the pipe)
                     pass
-            for hit in self._spooled(self.spools[j][k]):  # our own share: what spilled first
-                feed(hit)
+                fh = self.marks[j][k]
+                fh.seek(0)
+                for addr, w in pickle.load(fh).items():
+                    weights[addr] = weights.get(addr, 0) + w
+        floor = min(w.threshold for w in self.replay.scorer.windows)
+        suspects = {addr for addr, w in weights.items() if w >= floor}
+        feed = self.replay.feed
+        for j in range(self.n):
+            for hit in self._spooled(self.spools[j][k]):  # for our own share: what spilled first
+                if hit.addr in suspects:
+                    feed(hit)
             if j == k:
                 for hit in own:
-                    feed(hit)
+                    if hit.addr in suspects:
+                        feed(hit)
 
     @staticmethod
     def _spooled(fh: BinaryIO) -> Iterator[Hit]:
@@ -308,6 +329,14 @@ class _Shuffle:
             except EOFError:
                 return
             yield from map(make_hit, batch)
+
+
+def _add_weights(weights: dict[str, int], hits: list[Hit]) -> None:
+    """Adds each hit's largest possible weight (a repeat may weigh more, in a local pack) to its address."""
+    for h in hits:
+        w = h.weight if h.repeat_weight is None or h.repeat_weight < h.weight else h.repeat_weight
+        if w > 0:
+            weights[h.addr] = weights.get(h.addr, 0) + w
 
 
 def _add_counters(total: Counters, c: Counters) -> None:
