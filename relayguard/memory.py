@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 from collections.abc import Iterator
 
@@ -26,6 +25,8 @@ def without_gc() -> Iterator[None]:
 def release_memory() -> None:
     """Give back what a start-up burst (100,000 bans read and sent to the kernel) left free on the heap:
     the daemon runs for months, and glibc keeps freed memory unless asked."""
+    import ctypes  # here: `relayguard scan` never needs it, and it costs start-up time
+
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -54,8 +54,7 @@ class Rule:
     service: str
     weight: int
     why: str
-    regex: re.Pattern[str]  # on the message; has a named group `addr`
-    linear: re2._Regexp  # the same regex in RE2, for long lines where backtracking could bite
+    pattern: str  # the regex, on the message; has a named group `addr`
     literals: tuple[str, ...]  # one of them occurs in every line the regex matches: the prefilter keys
     caseless: bool = False
     group: str | None = None
@@ -67,6 +66,23 @@ class Rule:
     # whose regex has a `session` group instead of `addr` takes the client from that session.
     kind: str = "event"
     session: bool = False  # an event rule that takes its client from a session-start rule
+    # (re, RE2) compiled: at load for a local pack (its errors are the admin's to see at start), on
+    # first use for a packaged one (the test suite compiles every one; most never see a line).
+    compiled: list = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return (self.compiled or _compile(self))[0]
+
+    @property
+    def linear(self) -> re2._Regexp:
+        """The same regex in RE2, for long lines where backtracking could bite."""
+        return (self.compiled or _compile(self))[1]
+
+
+def _compile(rule: Rule) -> list:
+    rule.compiled[:] = [re.compile(rule.pattern), re2.compile(rule.pattern, options=_RE2_OPTS)]
+    return rule.compiled
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,17 +100,14 @@ def load_pack(name_or_path: str) -> RulePack:
     """A packaged pack by name (`postfix`) or a pack file by path (`/etc/relayguard/rules.d/x.toml`)."""
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         file = Path(name_or_path)
-        text = file.read_text(encoding="utf-8")
-    else:
-        if name_or_path not in PACK_NAMES:
-            raise PackError(f"unknown rule pack {name_or_path!r}; known: {', '.join(PACK_NAMES)}")
-        res = resources.files("relayguard.rules").joinpath(f"{name_or_path}.toml")
-        file = Path(str(res))
-        text = res.read_text(encoding="utf-8")
-    return _build_pack(file.name, tomllib.loads(text))
+        return _build_pack(file.name, tomllib.loads(file.read_text(encoding="utf-8")))
+    if name_or_path not in PACK_NAMES:
+        raise PackError(f"unknown rule pack {name_or_path!r}; known: {', '.join(PACK_NAMES)}")
+    res = resources.files("relayguard.rules").joinpath(f"{name_or_path}.toml")
+    return _build_pack(f"{name_or_path}.toml", tomllib.loads(res.read_text(encoding="utf-8")), packaged=True)
 
 
-def _build_pack(file: str, data: dict) -> RulePack:
+def _build_pack(file: str, data: dict, packaged: bool = False) -> RulePack:
     name = data.get("name") or file.removesuffix(".toml")
     try:
         programs = re.compile(data["programs"])
@@ -103,7 +116,7 @@ def _build_pack(file: str, data: dict) -> RulePack:
     rules = []
     seen = set()
     for raw in data.get("rule", []):
-        rule = _build_rule(file, name, raw)
+        rule = _build_rule(file, name, raw, packaged)
         if rule.id in seen:
             raise PackError(f"{file}: rule id {rule.id!r} appears twice")
         seen.add(rule.id)
@@ -113,7 +126,10 @@ def _build_pack(file: str, data: dict) -> RulePack:
     return RulePack(name=name, description=data.get("description", ""), programs=programs, rules=tuple(rules))
 
 
-def _build_rule(file: str, pack: str, raw: dict) -> Rule:
+_GROUP_NAME = re.compile(r"\(\?P<(\w+)>")
+
+
+def _build_rule(file: str, pack: str, raw: dict, packaged: bool = False) -> Rule:
     rid = raw.get("id", "?")
     where = f"{file}: rule {rid!r}"
     kind = raw.get("kind", "event")
@@ -123,12 +139,15 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         if key not in raw:
             raise PackError(f"{where}: missing key {key!r}")
     pattern = raw["regex"]
-    try:
-        rx = re.compile(pattern)
-        linear = re2.compile(pattern, options=_RE2_OPTS)
-    except (re.error, re2.error) as e:
-        raise PackError(f"{where}: regex does not compile (it must be valid for both re and RE2): {e}") from None
-    groups = rx.groupindex
+    compiled = []
+    if packaged:
+        groups = set(_GROUP_NAME.findall(pattern))
+    else:
+        try:
+            compiled = [re.compile(pattern), re2.compile(pattern, options=_RE2_OPTS)]
+        except (re.error, re2.error) as e:
+            raise PackError(f"{where}: regex does not compile (it must be valid for both re and RE2): {e}") from None
+        groups = set(compiled[0].groupindex)
     if kind == "session-start" and not ("addr" in groups and "session" in groups):
         raise PackError(f"{where}: a session-start regex needs the groups (?P<session>...) and (?P<addr>...)")
     if kind == "session-end" and "session" not in groups:
@@ -137,7 +156,7 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         raise PackError(f"{where}: regex needs a named group (?P<addr>...) for the client address "
                         "(or (?P<session>...) in a pack with a session-start rule)")
     distinct = raw.get("distinct")
-    if distinct and distinct not in rx.groupindex:
+    if distinct and distinct not in groups:
         raise PackError(f"{where}: distinct = {distinct!r} names no group of the regex")
     literal, caseless = raw.get("literal"), False
     if literal is None:
@@ -155,8 +174,7 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         service=raw.get("service", ""),
         weight=int(raw.get("weight", 0)),
         why=raw.get("why", ""),
-        regex=rx,
-        linear=linear,
+        pattern=pattern,
         literals=literals,
         caseless=caseless,
         group=raw.get("group"),
@@ -165,13 +183,14 @@ def _build_rule(file: str, pack: str, raw: dict) -> Rule:
         program=re.compile(program) if program else None,
         kind=kind,
         session=kind == "event" and "addr" not in groups,
+        compiled=compiled,
     )
 
 
 def _plan(rule: Rule) -> tuple:
     """What the in-place path needs of a rule, in one tuple: (match at an offset, id, service,
     weight, group, distinct, repeat weight); () when the rule needs the text path."""
-    fast, anchored = _in_place(rule.regex.pattern)
+    fast, anchored = _in_place(rule.pattern)
     if fast is None or rule.kind != "event" or rule.session:
         return ()
     return (fast.match if anchored else fast.search, rule.id, rule.service, rule.weight, rule.group, rule.distinct,

@@ -145,3 +145,18 @@ def test_a_rule_may_name_several_literals(tmp_path) -> None:
     f.write_text(f.read_text().replace('"login refused"]', '"ref"]'))
     with pytest.raises(PackError, match="literal"):
         load_pack(str(f))
+
+
+@pytest.mark.parametrize("name", ["postfix", "exim", "sendmail", "dovecot", "opensmtpd", "sshd"])
+def test_packaged_packs_pass_the_checks_a_local_pack_gets(name: str) -> None:
+    """Packaged packs compile their regexes on first use (start-up time); loaded by path, as a
+    local pack, every regex is compiled and checked at load. Both must agree."""
+    from importlib import resources
+
+    packaged = load_pack(name)
+    local = load_pack(str(resources.files("relayguard.rules").joinpath(f"{name}.toml")))
+    assert [r.id for r in packaged.rules] == [r.id for r in local.rules]
+    for p, loc in zip(packaged.rules, local.rules, strict=True):
+        assert not p.compiled and loc.compiled
+        assert p.regex.groupindex == loc.regex.groupindex and p.linear.pattern == loc.linear.pattern
+        assert (p.session, p.literals, p.distinct) == (loc.session, loc.literals, loc.distinct)
