@@ -63,23 +63,17 @@ def open_log(path: str) -> BinaryIO:
 
 def blocks(fh: BinaryIO, size: int = BLOCK, count: bool = True) -> Iterator[tuple[bytes, int]]:
     """(block of whole lines, 1-based number of its first line; 0 with count=False, which
-    saves a pass over every block)."""
-    lineno, rest = (1 if count else 0), b""
+    saves a pass over every block). The last block may lack its final newline."""
+    lineno = 1 if count else 0
     while True:
         data = fh.read(size)
         if not data:
             break
-        data = rest + data if rest else data
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:
-            rest = data
-            continue
-        rest = data[cut:]
-        yield data[:cut], lineno
+        if not data.endswith(b"\n"):
+            data += fh.readline()  # the rest of the last line: one copy, nothing carried over
+        yield data, lineno
         if count:
-            lineno += data.count(b"\n", 0, cut)
-    if rest:
-        yield rest + b"\n", lineno
+            lineno += data.count(b"\n")
 
 
 PARALLEL_MIN = 32 << 20  # below this, more processes cost more than they save
@@ -153,6 +147,11 @@ class _Limited:
         data = self.fh.read(min(n, self.left)) if self.left > 0 else b""
         self.left -= len(data)
         return data
+
+    def readline(self) -> bytes:
+        line = self.fh.readline(self.left) if self.left > 0 else b""
+        self.left -= len(line)
+        return line
 
 
 class _Shuffle:
@@ -312,23 +311,23 @@ class _Shuffle:
         suspects = {addr for addr, w in weights.items() if w >= floor}
         feed = self.replay.feed
         for j in range(self.n):
-            for hit in self._spooled(self.spools[j][k]):  # for our own share: what spilled first
-                if hit.addr in suspects:
-                    feed(hit)
+            for hit in self._spooled(self.spools[j][k], suspects):  # for our own share: what spilled first
+                feed(hit)
             if j == k:
                 for hit in own:
                     if hit.addr in suspects:
                         feed(hit)
 
     @staticmethod
-    def _spooled(fh: BinaryIO) -> Iterator[Hit]:
+    def _spooled(fh: BinaryIO, suspects: set[str]) -> Iterator[Hit]:
+        """The spooled hits of these addresses, in order (the others are never made into Hits)."""
         fh.seek(0)
         while True:
             try:
                 batch = pickle.load(fh)
             except EOFError:
                 return
-            yield from map(make_hit, batch)
+            yield from map(make_hit, [t for t in batch if t[1] in suspects])
 
 
 def _add_weights(weights: dict[str, int], hits: list[Hit]) -> None:
