@@ -12,7 +12,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -187,6 +187,17 @@ def _allowed(key: str) -> str:
     return options.get(key, "see etc/relayguard.toml")
 
 
+def _check_pack(path: str, key: str, bad: Callable[[str, str, str], ConfigError]) -> None:
+    from relayguard.parse import PackError, load_pack  # here: the regex engines load only when needed
+
+    try:
+        load_pack(path)
+    except OSError as e:
+        raise bad(key, f"cannot read rule pack {path}: {e.strerror}", "give the path of a readable pack file") from None
+    except (PackError, ValueError) as e:  # ValueError: TOML that does not parse
+        raise bad(key, f"rule pack {e}", "correct the pack (docs/rules.md)") from None
+
+
 def _check(file: str, s: Settings) -> None:
     def bad(key: str, msg: str, fix: str) -> ConfigError:
         return ConfigError(f"{file}: {key}: {msg}; fix: {fix}")
@@ -209,8 +220,11 @@ def _check(file: str, s: Settings) -> None:
         if src.journal == bool(src.path):
             raise bad(key, "needs either path = \"...\" or journal = true", "set exactly one of them")
         for pack in src.rules:
-            if pack not in PACKS:
-                raise bad(f"{key}.rules", f"unknown rule pack {pack!r}", f"use some of: {', '.join(PACKS)}")
+            if "/" in pack or pack.endswith(".toml"):  # a local pack: it must load, checked now
+                _check_pack(pack, f"{key}.rules", bad)
+            elif pack not in PACKS:
+                raise bad(f"{key}.rules", f"unknown rule pack {pack!r}",
+                          f"use some of: {', '.join(PACKS)}, or the path of a pack file (docs/rules.md)")
         if src.threshold is not None and src.threshold < 1:
             raise bad(f"{key}.threshold", f"must be at least 1, got {src.threshold}", "set threshold = 10")
         if src.window is not None and src.window < 1:

@@ -103,3 +103,18 @@ def test_missing_config_file_is_exit_2(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "relayguard", "config", "check", "--config",
                         str(tmp_path / "nope.toml")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_a_source_may_use_a_local_rule_pack(tmp_path: Path) -> None:
+    """`rules` takes a pack file's path (docs/rules.md); a broken pack is a config error naming it."""
+    pack = tmp_path / "mine.toml"
+    pack.write_text('programs = "^mine$"\n[[rule]]\nid = "bad-login"\nservice = "smtp"\nweight = 3\nwhy = "w"\n'
+                    "regex = '^bad login from (?P<addr>\\\\S+)$'\n")
+    s = loads(f'[[source]]\npath = "/x"\nrules = ["postfix", "{pack}"]\n', "/etc/relayguard/relayguard.toml")
+    assert s.source[0].rules == ("postfix", str(pack))
+    pack.write_text(pack.read_text().replace("(?P<addr>", "(?P<adr>"))
+    with pytest.raises(ConfigError) as e:
+        loads(f'[[source]]\npath = "/x"\nrules = ["{pack}"]\n', "/etc/relayguard/relayguard.toml")
+    assert "source[1].rules" in str(e.value) and "mine.toml" in str(e.value) and "addr" in str(e.value)
+    with pytest.raises(ConfigError, match="cannot read rule pack"):
+        loads(f'[[source]]\npath = "/x"\nrules = ["{tmp_path}/nope.toml"]\n', "/etc/relayguard/relayguard.toml")
