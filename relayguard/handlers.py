@@ -242,7 +242,11 @@ async def why(d: Daemon, req: WhyReq) -> dict[str, Any]:
     stored = await d._dbcall(d.store.hits_for, addr, since)
     pending = [h for h in d._pending_hits if h.addr == addr and h.ts >= since]
     events = sorted(set(stored + pending), key=lambda h: (h.ts, h.source, h.lineno))
-    active = await d._dbcall(d.store.get_ban, net) if d.ban_expiry(net)[0] else None
+    # The database, not the daemon's map: `list` reads it too, and the map catches up only once the
+    # kernel has the ban, so a `why` right after `list` showed a ban could say there was none.
+    active = await d._dbcall(d.store.get_ban, net)
+    if active is not None and active.expires is not None and active.expires <= now:
+        active = None
     history = await d._dbcall(d.store.history, net)
     covered = d.ignored(net)
     judged = d._last_ban.get(addr)  # a ban resets the score: events up to it were judged by it

@@ -195,10 +195,13 @@ class _Shuffle:
                         self._child(k)
                     pids.append(pid)
                 self._signals_for(0)
-                self.replay._count(self._work(0))
-                for k in range(1, n):
-                    self._collect(k, pids[k - 1])
-                    pids[k - 1] = 0
+                try:
+                    self.replay._count(self._work(0))
+                except (EOFError, pickle.UnpicklingError):
+                    # A worker died before its spools were whole: its own report says why.
+                    self._collect_all(pids)
+                    raise
+                self._collect_all(pids)
             finally:
                 for r, w in self.pipes:  # first: a worker waiting for our share must see EOF
                     for fd in (r, w):
@@ -232,6 +235,11 @@ class _Shuffle:
         with contextlib.suppress(BaseException):
             out.flush()
         os._exit(code)
+
+    def _collect_all(self, pids: list[int]) -> None:
+        for k in range(1, self.n):
+            pid, pids[k - 1] = pids[k - 1], 0  # reaped here, whatever _collect raises
+            self._collect(k, pid)
 
     def _collect(self, k: int, pid: int) -> None:
         _, status = os.waitpid(pid, 0)
@@ -308,8 +316,9 @@ class _Shuffle:
                 for addr, w in pickle.load(fh).items():
                     weights[addr] = weights.get(addr, 0) + w
         floor = min(w.threshold for w in self.replay.scorer.windows)
-        suspects = {addr for addr, w in weights.items() if w >= floor}
-        feed = self.replay.feed
+        allow = self.replay.allow
+        suspects = {addr for addr, w in weights.items() if w >= floor and addr not in allow}
+        feed = self.replay.count  # the ignore list is applied to the suspects once, above
         for j in range(self.n):
             for hit in self._spooled(self.spools[j][k], suspects):  # for our own share: what spilled first
                 feed(hit)
@@ -404,9 +413,12 @@ class Replay:
     def feed(self, hit: Hit) -> None:
         if self.on_hit is not None:
             self.on_hit(hit)
+        if hit.addr not in self.allow:
+            self.count(hit)
+
+    def count(self, hit: Hit) -> None:
+        """feed() for a hit already known to be off the ignore list and not to be listed."""
         addr = hit.addr
-        if addr in self.allow:
-            return
         if hit.weight > 0:
             st = self._stats.get(addr)
             if st is None:

@@ -120,14 +120,16 @@ def test_usage_errors_exit_2(args: list[str], log: Path) -> None:
     assert r.returncode == 2, r.stderr
 
 
-def _replay_offenders(paths: list[str], min_parallel: int) -> tuple[list[tuple], tuple]:
+def _replay_offenders(paths: list[str], min_parallel: int, ignore: tuple[str, ...] = ()) -> tuple[list[tuple], tuple]:
     from relayguard.decide import Policy, allowlist
+    from relayguard.model import parse_net
     from relayguard.parse import PACK_NAMES, load_packs
     from relayguard.scan import Replay
     from relayguard.score import Window
 
-    replay = Replay(load_packs(PACK_NAMES), [Window("short", 600, 10), Window("long", 6 * 3600, 24)], Policy(),
-                    allowlist([], ignore_self=False))
+    nets = [parse_net(n) for n in ignore]
+    replay = Replay(load_packs(PACK_NAMES), [Window("short", 600, 10), Window("long", 6 * 3600, 24)],
+                    Policy(ignore=tuple(nets)), allowlist(nets, ignore_self=False))
     replay.run_all(paths, min_parallel=min_parallel)
     r = replay.result(paths)
     offenders = [(o.ip, o.score, o.events, o.first, o.last, sorted(o.rules.items()), o.bans) for o in r.offenders]
@@ -150,3 +152,35 @@ def test_every_core_finds_what_one_process_finds(log: Path, tmp_path: Path) -> N
     a.write_bytes(data[:cut])
     b.write_bytes(data[cut:])
     assert _replay_offenders([str(a), str(b)], min_parallel=0) == one
+    # an ignore list: applied once per address on the parallel path, per hit on the other
+    first = one[0][0][0]
+    ignore = (f"{first}/{24 if '.' in first else 64}",)
+    kept = _replay_offenders([str(log)], min_parallel=1 << 62, ignore=ignore)
+    assert first not in {o[0] for o in kept[0]} and len(kept[0]) < len(one[0])
+    assert _replay_offenders([str(log)], min_parallel=0, ignore=ignore) == kept
+
+
+def test_a_failing_worker_is_one_clear_error_and_nothing_hangs(log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that dies mid-parse (here: an exception in the forked child) ends the scan with a
+    ScanError carrying its message; the parent neither hangs on the pipes nor leaves a child behind."""
+    import os
+
+    from relayguard import scan as scan_mod
+    from relayguard.scan import ScanError
+
+    parent = os.getpid()
+
+    class Failing(scan_mod.Matcher):
+        def scan(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if os.getpid() != parent:
+                raise OSError("disk gone")
+            return super().scan(*args, **kwargs)
+
+    def children() -> set[str]:
+        return {c for t in Path("/proc/self/task").iterdir() for c in (t / "children").read_text().split()}
+
+    before = children()
+    monkeypatch.setattr(scan_mod, "Matcher", Failing)
+    with pytest.raises(ScanError, match="disk gone"):
+        _replay_offenders([str(log)], min_parallel=0)
+    assert children() == before  # the worker was reaped, not left behind
