@@ -421,6 +421,7 @@ class Matcher:
         self._by_program: dict[str, frozenset[Rule]] = {}
         self._allowed: dict[bytes, frozenset[Rule]] = {}  # the same, by the program's bytes
         self._plans: dict[Rule, tuple] = {}  # rule -> _plan(rule), made on its first candidate line
+        self._addrs: dict[bytes, str] = {}  # address as written -> canonical_addr of it
         self.counters = Counters()
         self._prefilter = _Prefilter(self.rules)
         self._sessions: dict[tuple[str, str], str] = {}  # (pack, session id) -> client address
@@ -484,17 +485,19 @@ class Matcher:
         if end - mstart > _SHORT:
             return None
         classic, iso, prog = head.groups()
-        try:
-            ts = self.clock.classic(classic) if classic is not None else Clock.iso(iso.decode())
-        except (KeyError, ValueError, OverflowError):
-            return None
+        ts = self.clock._cache.get(classic) if classic is not None else None  # the clock's own cache, uncalled
+        if ts is None:
+            try:
+                ts = self.clock.classic(classic) if classic is not None else Clock.iso(iso.decode())
+            except (KeyError, ValueError, OverflowError):
+                return None
         allowed = self._allowed.get(prog)
         if allowed is None:
             allowed = self.rules_for(prog.decode())
             if len(self._allowed) < 4096 and len(prog) <= 64:
                 self._allowed[prog] = allowed
         hits: list[Hit] = []
-        plans = self._plans
+        plans, addrs = self._plans, self._addrs
         for rule in candidates:
             if rule not in allowed:
                 continue
@@ -508,9 +511,14 @@ class Matcher:
             if m is None:
                 continue
             raw = m.group("addr")
-            addr = canonical_addr(raw.decode()) if raw else None
+            addr = addrs.get(raw)
             if addr is None:
-                continue
+                addr = canonical_addr(raw.decode()) if raw else None
+                if addr is None:
+                    continue
+                if len(addrs) >= 8192:  # bounded: a flood brings millions of one-time addresses
+                    addrs.clear()
+                addrs[raw] = addr
             key = (m.group(distinct) or b"").decode() if distinct else None
             text = block[start:end].decode() if self.keep_text else ""
             hits.append(make_hit((ts, addr, rid, service, weight, source, lineno, text, group, key, repeat)))
