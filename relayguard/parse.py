@@ -23,6 +23,7 @@ from datetime import datetime
 from importlib import resources
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 import re2
 
@@ -185,6 +186,9 @@ def _build_rule(file: str, pack: str, raw: dict, packaged: bool = False) -> Rule
         session=kind == "event" and "addr" not in groups,
         compiled=compiled,
     )
+
+
+_OTHER: Any = object()  # plans.get default: a rule that is not for this program
 
 
 def _plan(rule: Rule) -> tuple:
@@ -419,7 +423,7 @@ class Matcher:
         self.rules: list[Rule] = [r for p in self.packs for r in p.rules]
         self._pack_of = {r.id: p for p in self.packs for r in p.rules}
         self._by_program: dict[str, frozenset[Rule]] = {}
-        self._allowed: dict[bytes, frozenset[Rule]] = {}  # the same, by the program's bytes
+        self._allowed: dict[bytes, dict[Rule, tuple | None]] = {}  # the same by the program's bytes, with plans
         self._plans: dict[Rule, tuple] = {}  # rule -> _plan(rule), made on its first candidate line
         self._addrs: dict[bytes, str] = {}  # address as written -> canonical_addr of it
         self.counters = Counters()
@@ -474,40 +478,39 @@ class Matcher:
         return hits
 
     def _match_in_place(self, block: bytes, start: int, end: int, source: str, lineno: int,
-                        candidates: Iterable[Rule]) -> list[Hit] | None:
+                        candidates: Iterable[Rule], out: list[Hit]) -> bool:
         """_match_text for an ASCII line inside `block`, without slicing or decoding it: header and
-        rules matched in place on the bytes. None when the line needs _match_text (another header
-        format, a long message, a session rule, a timestamp that does not parse)."""
+        rules matched in place on the bytes, hits appended to `out`. False when the line needs
+        _match_text (another header format, a long message, a session rule, a time that does not
+        parse); the caller then drops what this appended for the line."""
         head = _HEAD.match(block, start, end)
         if head is None:
-            return None
+            return False
         mstart = head.end()
         if end - mstart > _SHORT:
-            return None
+            return False
         classic, iso, prog = head.groups()
         ts = self.clock._cache.get(classic) if classic is not None else None  # the clock's own cache, uncalled
         if ts is None:
             try:
                 ts = self.clock.classic(classic) if classic is not None else Clock.iso(iso.decode())
             except (KeyError, ValueError, OverflowError):
-                return None
-        allowed = self._allowed.get(prog)
-        if allowed is None:
-            allowed = self.rules_for(prog.decode())
+                return False
+        plans = self._allowed.get(prog)  # this program's rules -> their plans (None: not made yet)
+        if plans is None:
+            plans = dict.fromkeys(self.rules_for(prog.decode()))
             if len(self._allowed) < 4096 and len(prog) <= 64:
-                self._allowed[prog] = allowed
-        hits: list[Hit] = []
-        plans, addrs = self._plans, self._addrs
+                self._allowed[prog] = plans
+        addrs = self._addrs
         for rule in candidates:
-            if rule not in allowed:
+            plan = plans.get(rule, _OTHER)
+            if plan is _OTHER:  # a rule of another program
                 continue
-            plan = plans.get(rule)
             if plan is None:
-                plan = plans[rule] = _plan(rule)
+                plan = plans[rule] = self._plan(rule)
             if not plan:
-                return None
-            match, rid, service, weight, group, distinct, repeat = plan
-            m = match(block, mstart, end)
+                return False
+            m = plan[0](block, mstart, end)
             if m is None:
                 continue
             raw = m.group("addr")
@@ -519,10 +522,16 @@ class Matcher:
                 if len(addrs) >= 8192:  # bounded: a flood brings millions of one-time addresses
                     addrs.clear()
                 addrs[raw] = addr
-            key = (m.group(distinct) or b"").decode() if distinct else None
+            key = (m.group(plan[5]) or b"").decode() if plan[5] else None
             text = block[start:end].decode() if self.keep_text else ""
-            hits.append(make_hit((ts, addr, rid, service, weight, source, lineno, text, group, key, repeat)))
-        return hits
+            out.append(make_hit((ts, addr, plan[1], plan[2], plan[3], source, lineno, text, plan[4], key, plan[6])))
+        return True
+
+    def _plan(self, rule: Rule) -> tuple:
+        plan = self._plans.get(rule)
+        if plan is None:
+            plan = self._plans[rule] = _plan(rule)
+        return plan
 
     def _count_hits(self, hits: list[Hit]) -> None:
         self.counters.hits += len(hits)
@@ -565,19 +574,19 @@ class Matcher:
         pos_line, lineno = 0, first_lineno if numbered else 0
         lines = self._prefilter.lines(block)
         counters.candidates += len(lines)
+        in_place, as_text = self._match_in_place, self._match_text
         for start, end, rules in lines:
             if numbered:
                 lineno += block.count(b"\n", pos_line, start)
                 pos_line = start
             if long_spans and _inside(long_spans, start):
                 continue  # counted above
-            found = None
             if ascii_block or block[start:end].isascii():
-                found = self._match_in_place(block, start, end, source, lineno, rules)
-            if found is None:
-                found = self._match_text(block[start:end].decode("utf-8", "replace"), source, lineno, rules)
-            if found:
-                hits += found
+                n = len(hits)
+                if in_place(block, start, end, source, lineno, rules, hits):
+                    continue
+                del hits[n:]
+            hits += as_text(block[start:end].decode("utf-8", "replace"), source, lineno, rules)
         self._count_hits(hits)
         return hits
 
