@@ -70,6 +70,7 @@ class Rule:
     # (re, RE2) compiled: at load for a local pack (its errors are the admin's to see at start), on
     # first use for a packaged one (the test suite compiles every one; most never see a line).
     compiled: list = field(default_factory=list, compare=False, repr=False)
+    planned: list = field(default_factory=list, compare=False, repr=False)  # [_plan(self)], once made
 
     @property
     def regex(self) -> re.Pattern[str]:
@@ -79,6 +80,13 @@ class Rule:
     def linear(self) -> re2._Regexp:
         """The same regex in RE2, for long lines where backtracking could bite."""
         return (self.compiled or _compile(self))[1]
+
+    @property
+    def plan(self) -> tuple:
+        """What the in-place path needs (see _plan), made once per rule for every Matcher."""
+        if not self.planned:
+            self.planned.append(_plan(self))
+        return self.planned[0]
 
 
 def _compile(rule: Rule) -> list:
@@ -424,7 +432,6 @@ class Matcher:
         self._pack_of = {r.id: p for p in self.packs for r in p.rules}
         self._by_program: dict[str, frozenset[Rule]] = {}
         self._allowed: dict[bytes, dict[Rule, tuple | None]] = {}  # the same by the program's bytes, with plans
-        self._plans: dict[Rule, tuple] = {}  # rule -> _plan(rule), made on its first candidate line
         self._addrs: dict[bytes, str] = {}  # address as written -> canonical_addr of it
         self.counters = Counters()
         self._prefilter = _Prefilter(self.rules)
@@ -507,7 +514,7 @@ class Matcher:
             if plan is _OTHER:  # a rule of another program
                 continue
             if plan is None:
-                plan = plans[rule] = self._plan(rule)
+                plan = plans[rule] = rule.plan
             if not plan:
                 return False
             m = plan[0](block, mstart, end)
@@ -526,12 +533,6 @@ class Matcher:
             text = block[start:end].decode() if self.keep_text else ""
             out.append(make_hit((ts, addr, plan[1], plan[2], plan[3], source, lineno, text, plan[4], key, plan[6])))
         return True
-
-    def _plan(self, rule: Rule) -> tuple:
-        plan = self._plans.get(rule)
-        if plan is None:
-            plan = self._plans[rule] = _plan(rule)
-        return plan
 
     def _count_hits(self, hits: list[Hit]) -> None:
         self.counters.hits += len(hits)
@@ -641,6 +642,9 @@ class _Prefilter:
                 f"(?i:{re.escape(lit)})" if ci else re.escape(lit) for lit, ci in self.keys
             ) or "(?!)"
             self._rx = re2.compile(alt.encode("latin-1", "backslashreplace"), options=_RE2_OPTS)
+            # each literal as bytes, lower-cased where it is caseless (lines are folded to match)
+            self._bytes_keys = [(lit.encode("utf-8").lower() if ci else lit.encode("utf-8"), ci)
+                                for lit, ci in self.keys]
 
     def _ends(self, block: bytes) -> list[tuple[int, int]]:
         """(end offset, literal index) of every literal occurrence, in order."""
@@ -656,7 +660,7 @@ class _Prefilter:
         # RE2 finds a line holding some literal; which literals it holds (they may overlap, which
         # one scan for the alternation would miss) is then asked of the line itself.
         out = []
-        keys = [(lit.encode("utf-8"), ci) for lit, ci in self.keys]
+        keys = self._bytes_keys
         pos = 0
         while (m := self._rx.search(block, pos)) is not None:
             start = block.rfind(b"\n", 0, m.start()) + 1
@@ -666,7 +670,7 @@ class _Prefilter:
             folded = line.lower()
             found = []
             for i, (lit, ci) in enumerate(keys):
-                j = folded.find(lit.lower()) if ci else line.find(lit)
+                j = folded.find(lit) if ci else line.find(lit)
                 if j >= 0:
                     found.append((start + j + len(lit), i))
             out += sorted(found)

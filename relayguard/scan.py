@@ -111,7 +111,7 @@ def _line_start(path: str, pos: int) -> int:
 
 def _shares(paths: Sequence[str], n: int) -> list[list[_Segment]]:
     """The files, in order, as `n` runs of segments of about equal size."""
-    sizes = [(p, os.path.getsize(p), os.stat(p).st_mtime) for p in paths]
+    sizes = [(p, st.st_size, st.st_mtime) for p in paths for st in (os.stat(p),)]
     total = sum(size for _, size, _ in sizes)
     shares: list[list[_Segment]] = [[] for _ in range(n)]
     base = 0
@@ -213,10 +213,13 @@ class _Shuffle:
 
     def _signals_for(self, k: int) -> None:
         """Keep only our own pipe's write end: the others must see EOF when their writer ends."""
-        for j, (_, w) in enumerate(self.pipes):
+        for j in range(self.n):
             if j != k:
-                os.close(w)
-                self.pipes[j] = (self.pipes[j][0], -1)
+                self._close_write(j)
+
+    def _close_write(self, j: int) -> None:
+        os.close(self.pipes[j][1])
+        self.pipes[j] = (self.pipes[j][0], -1)
 
     def _child(self, k: int) -> None:
         code = 0
@@ -259,9 +262,7 @@ class _Shuffle:
 
     def _work(self, k: int) -> Counters:
         own, counters = self._parse(k)
-        _, w = self.pipes[k]
-        os.close(w)  # share k is parsed: owners may read its spools
-        self.pipes[k] = (self.pipes[k][0], -1)
+        self._close_write(k)  # share k is parsed: owners may read its spools
         self._score(k, own)
         return counters
 
@@ -280,15 +281,13 @@ class _Shuffle:
                         if len(out[owner]) >= (self.OWN_MAX if owner == k else _BATCH):
                             self._spill(k, owner, out[owner])  # own hits too: memory stays bounded
             _add_counters(total, matcher.counters)
+        _add_weights(self.weights[k], out[k])  # our own hits stay in memory
         for owner in range(n):
-            if owner != k:
+            if owner != k:  # the rest of its hits, and what share k holds against its addresses
                 self._spill(k, owner, out[owner])
-            else:
-                _add_weights(self.weights[k], out[k])
-            self.spools[k][owner].flush()
-            if owner != k:  # what share k holds against each address the owner scores
                 pickle.dump(self.weights[owner], self.marks[k][owner], pickle.HIGHEST_PROTOCOL)
                 self.marks[k][owner].flush()
+            self.spools[k][owner].flush()
         return out[k], total
 
     def _spill(self, k: int, owner: int, hits: list[Hit]) -> None:

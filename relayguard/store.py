@@ -292,7 +292,7 @@ class Store:
             return
         keyed = [(_key(b.net), b) for b in bans]
         unique = dict.fromkeys(k for k, _ in keyed)
-        keys = json.dumps(list(unique))
+        keys = _json_keys(unique)
         with self._tx(write=True) as c:
             found = c.exec_driver_sql(_SELECT_BANS, (keys,))
             cols = list(found.keys())
