@@ -22,6 +22,7 @@ from typing import Any
 from netns import _kill_inside
 
 from relayguard import control
+from relayguard.model import parse_net
 
 READY_WITHIN = 60.0  # seconds; a cold start on a busy 2-core machine takes 1-3
 
@@ -163,6 +164,22 @@ def nft_values(ns: str, set_name: str) -> dict[str, int | None]:
         text = v if isinstance(v, str) else f"{v['prefix']['addr']}/{v['prefix']['len']}"
         out[text] = e.get("expires")
     return out
+
+
+def nft_bans(ns: str) -> set[str]:
+    """Every element of relayguard's four nft sets in `ns`, as canonical text (no /32, /128)."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "relayguard"],
+                         capture_output=True, text=True, check=False, timeout=120).stdout
+    found: set[str] = set()
+    if not out:
+        return found
+    for item in json.loads(out)["nftables"]:
+        for elem in item.get("set", {}).get("elem", []):
+            val = elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
+            if isinstance(val, dict) and "prefix" in val:
+                val = f"{val['prefix']['addr']}/{val['prefix']['len']}"
+            found.add(str(parse_net(str(val))).removesuffix("/32").removesuffix("/128"))
+    return found
 
 
 def table_exists(ns: str) -> bool:

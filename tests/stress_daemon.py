@@ -211,22 +211,6 @@ def wait_until(cond: Callable[[], Any], timeout: float = 60.0, what: str = "cond
 # ----------------------------------------------------------------------------------------- kernel state
 
 
-def kernel_bans(ns: str) -> set[str]:
-    """Every element of relayguard's four nft sets in `ns`, as canonical text (no /32, /128)."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "relayguard"],
-                         capture_output=True, text=True, check=False, timeout=120).stdout
-    found: set[str] = set()
-    if not out:
-        return found
-    for item in json.loads(out)["nftables"]:
-        for elem in item.get("set", {}).get("elem", []):
-            val = elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
-            if isinstance(val, dict) and "prefix" in val:
-                val = f"{val['prefix']['addr']}/{val['prefix']['len']}"
-            found.add(str(parse_net(str(val))).removesuffix("/32").removesuffix("/128"))
-    return found
-
-
 def set_size(ns: str, name: str) -> int:
     return len(nft_elements(ns, name))
 

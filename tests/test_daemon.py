@@ -20,6 +20,7 @@ from typing import Any
 
 import netns
 import pytest
+from daemon_harness import nft_bans
 
 from relayguard.model import parse_net
 from relayguard.store import Store
@@ -119,17 +120,7 @@ start = "beginning"
 def kernel_bans(ns: str, firewall: str) -> set[str]:
     """What relayguard's sets/chain in `ns` block now, as canonical text."""
     if firewall == "nftables":
-        out = netns.run(ns, "nft", "-j", "list", "table", "inet", "relayguard", check=False).stdout
-        if not out:
-            return set()
-        found = set()
-        for item in json.loads(out)["nftables"]:
-            for elem in item.get("set", {}).get("elem", []):
-                val = elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
-                if isinstance(val, dict) and "prefix" in val:
-                    val = f"{val['prefix']['addr']}/{val['prefix']['len']}"
-                found.add(str(parse_net(str(val))).removesuffix("/32").removesuffix("/128"))
-        return found
+        return nft_bans(ns)
     found = set()
     for tool in ("iptables-legacy", "ip6tables-legacy"):
         out = netns.run(ns, tool, "-w", "-S", "RELAYGUARD", check=False).stdout

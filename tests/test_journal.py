@@ -24,6 +24,7 @@ from typing import Any
 
 import journal_files as jf
 import pytest
+from tail_harness import Running
 
 from relayguard import control
 from relayguard.journal import JournalTail, Selector, Trust, cursor_time, syslog_line
@@ -127,31 +128,19 @@ def test_cursor_time() -> None:
 
 # ---------------------------------------------------------------------------------------------- real files
 
-class Follow:
+class Follow(Running):
     """A JournalTail on the test's loop over a journal directory; every chunk it emitted."""
 
     def __init__(self, directory: Path, start: str = "beginning", saved: Position | None = None,
                  **kw: Any) -> None:
-        self.tail = JournalTail("journal", kw.pop("matches", ["postfix", "dovecot"]), start,  # type: ignore[arg-type]
+        self.tail = self.source = JournalTail("journal", kw.pop("matches", ["postfix", "dovecot"]), start,  # type: ignore[arg-type]
                                 lambda name: saved if name == "journal" else None, directory=str(directory), **kw)
         self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self.chunks: list[Chunk] = []
         self.matcher = Matcher(load_packs(["postfix", "dovecot", "sshd"]))
 
-    async def __aenter__(self) -> Follow:
-        self.task = asyncio.create_task(self.tail.run(self.queue))
-        self.collector = asyncio.create_task(self._collect())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for task in (self.task, self.collector):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _collect(self) -> None:
-        while True:
-            self.chunks.append(await self.queue.get())
+    def collect(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
 
     @property
     def lines(self) -> list[str]:

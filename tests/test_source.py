@@ -25,6 +25,7 @@ import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tail_harness import Running
 
 from relayguard.source import HEAD_BYTES, LONG_LINE, Chunk, FileTail, Position, _Gen, head_hash
 
@@ -32,37 +33,24 @@ DEADLINE = 5.0
 POLL = 0.02
 
 
-class Tail:
+class Tail(Running):
     """A FileTail running on the test's loop, and every line it emitted as (path, lineno, text)."""
 
     def __init__(self, pattern: Path | str, start: str = "beginning",
                  saved: Callable[[str], Position | None] | None = None, **kw: Any) -> None:
         kw.setdefault("poll_interval", POLL)
-        self.ft = FileTail(str(pattern), start, saved or (lambda _p: None), **kw)  # type: ignore[arg-type]
+        self.ft = self.source = FileTail(str(pattern), start, saved or (lambda _p: None), **kw)  # type: ignore[arg-type]
         self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self.chunks: list[Chunk] = []
         self.lines: list[tuple[str, int, str]] = []
         self._arrived = asyncio.Event()
 
-    async def __aenter__(self) -> Tail:
-        self.task = asyncio.create_task(self.ft.run(self.queue))
-        self.collector = asyncio.create_task(self._collect())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for task in (self.task, self.collector):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _collect(self) -> None:
-        while True:
-            c = await self.queue.get()
-            assert c.data.endswith(b"\n") and c.first_lineno >= 1 and c.offset > 0
-            for i, line in enumerate(c.data.split(b"\n")[:-1]):
-                self.lines.append((c.path, c.first_lineno + i, line.decode()))
-            self.chunks.append(c)
-            self._arrived.set()
+    def collect(self, c: Chunk) -> None:
+        assert c.data.endswith(b"\n") and c.first_lineno >= 1 and c.offset > 0
+        for i, line in enumerate(c.data.split(b"\n")[:-1]):
+            self.lines.append((c.path, c.first_lineno + i, line.decode()))
+        self.chunks.append(c)
+        self._arrived.set()
 
     @property
     def texts(self) -> list[str]:

@@ -39,7 +39,7 @@ import stress_daemon as sd
 import test_config
 import test_injection as inj
 from click.testing import CliRunner
-from daemon_harness import cli_as, namespace, private_dir, system_group, system_user
+from daemon_harness import cli_as, namespace, nft_bans, private_dir, system_group, system_user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -541,7 +541,7 @@ def test_100000_bans_daemon_memory_and_set_lookup(figures: sd.Figures, scratch: 
             restart_s = time.monotonic() - t
             rss_restarted = d.rss()
             reconciled = d.events("firewall_reconciled")[-1]
-            kernel = sd.kernel_bans(p.server)
+            kernel = nft_bans(p.server)
             listed = len(d.request("list"))
         finally:
             d.stop()
@@ -631,12 +631,12 @@ def test_kill_9_at_random_points_loses_no_ban_and_counts_no_line_twice(figures: 
         d = sd.Daemon(cfg, ns)
         try:
             d.wait_for("daemon_ready")
-            sd.wait_until(lambda: sd.kernel_bans(ns) >= want, timeout=120, what=f"{len(want)} attackers banned")
+            sd.wait_until(lambda: nft_bans(ns) >= want, timeout=120, what=f"{len(want)} attackers banned")
             sd.wait_until(lambda: sd.db_query(db, "SELECT count(*) FROM hits WHERE addr LIKE '2001:db8:b::%'")[0][0]
                           >= attackers, timeout=60, what="every innocent event stored")
         finally:
             rc = d.stop()
-        kernel = sd.kernel_bans(ns)
+        kernel = nft_bans(ns)
     stored = sd.db_active_bans(db)
     dup_lines = sd.db_query(db, "SELECT source, lineno, count(*) FROM hits GROUP BY source, lineno HAVING count(*) > 1")
     innocents = sd.db_query(db, "SELECT addr, count(*) FROM hits WHERE addr LIKE '2001:db8:b::%' GROUP BY addr")
@@ -724,7 +724,7 @@ def test_full_state_filesystem_still_bans_says_so_and_recovers(figures: sd.Figur
             d.wait_for("ban_applied", lambda e: e["addr"] == during)
             d.wait_for("store_write_failed")
             manual_reply = d.request("ban", addrs=[manual], seconds=3600, reason="banned on a full disk")
-            kernel_full = sd.kernel_bans(ns)
+            kernel_full = nft_bans(ns)
             status_full = d.request("status")
             alive_full = d.proc.poll() is None
             holder.sh(f"rm -f {state}/filler", check=True)
@@ -748,7 +748,7 @@ def test_full_state_filesystem_still_bans_says_so_and_recovers(figures: sd.Figur
             assert d.stop() == 0
             d = sd.Daemon(cfg, prefix=holder.prefix)
             d.wait_for("daemon_ready")
-            kernel_restarted = sd.kernel_bans(ns)
+            kernel_restarted = nft_bans(ns)
             d.stop()
         finally:
             holder.close()
@@ -804,7 +804,7 @@ def test_corrupt_database_is_moved_aside_and_rebuilt_from_the_kernel(figures: sd
             listed = {b["ip"] for b in d.request("list")}
         finally:
             assert d.stop() == 0
-        kernel = sd.kernel_bans(ns)
+        kernel = nft_bans(ns)
     stored = sd.db_active_bans(db)
     aside = list(db.parent.glob("relayguard.db.corrupt-*"))
     figures.update({"bans_before": len(manual) + len(auto), "database_bytes_overwritten": size,
@@ -844,14 +844,14 @@ def test_nft_table_deleted_or_flushed_is_restored(figures: sd.Figures, scratch: 
             with log.open("a") as fh:
                 fh.write(sd.relay_denied(auto, 1) + sd.relay_denied(auto, 2))
             d.wait_for("ban_applied", lambda e: e["addr"] == auto)
-            want = sd.kernel_bans(ns)
+            want = nft_bans(ns)
             assert want == {*manual, auto}
             for what, argv in [*TAMPERING, ("set flushed", ("flush", "set", "inet", "relayguard", "banned6"))]:
                 restored_before = len(d.events("firewall_restored"))
                 sd.nft(ns, *argv)
                 t = time.monotonic()
                 try:
-                    sd.wait_until(lambda: sd.kernel_bans(ns) == want and len(sd.chain_rules(ns)) == 4,
+                    sd.wait_until(lambda: nft_bans(ns) == want and len(sd.chain_rules(ns)) == 4,
                                   timeout=12, what=f"restore after {what}", every=0.2)
                     took: float | None = round(time.monotonic() - t, 1)
                 except AssertionError:
