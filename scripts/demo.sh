@@ -12,18 +12,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PACKAGES=(python3 python3-venv python3-nftables python3-pyinotify nftables iproute2 postfix dovecot-core)
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "scripts/demo.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # Postfix must not configure or start the system instance; the demo runs a private one.
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
+apt_install_missing scripts/demo.sh --private-postfix "${APT_PACKAGES[@]}"
 
 # A Python that has relayguard: $RELAYGUARD_PYTHON, the dev venv (scripts/test.sh), or a new one.
 PY="${RELAYGUARD_PYTHON:-}"

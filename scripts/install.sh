@@ -104,16 +104,9 @@ case "${1:-}" in
     --purge) uninstall; rm -rf "$STATE"; echo "database removed"; exit 0 ;;
 esac
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
+apt_install_missing scripts/install.sh "${APT_PACKAGES[@]}"
 
 # The code: a venv that sees Debian's python3-nftables; built from a copy so the tree stays clean.
 [ -x "$PREFIX/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$PREFIX"

@@ -16,18 +16,9 @@ APT_PACKAGES=(
     nftables iptables iproute2 procps util-linux passwd openssl systemd
     postfix dovecot-core swaks fail2ban systemd-journal-remote
 )
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "scripts/test.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # Postfix must not configure or start the system instance; tests run private instances.
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
+apt_install_missing scripts/test.sh --private-postfix "${APT_PACKAGES[@]}"
 
 VENV="${RELAYGUARD_TEST_VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -150,6 +150,11 @@ class Daemon:
     def events(self, name: str, pred: Callable[[dict[str, Any]], bool] = lambda e: True) -> list[dict[str, Any]]:
         return [e for e in self._refresh() if e.get("event") == name and pred(e)]
 
+    def wait_ready(self) -> None:
+        """READY logged and the control socket there: the daemon takes requests."""
+        self.wait_for("daemon_ready")
+        wait_until(lambda: os.path.exists(self.socket), what="control socket")
+
     def wait_for(self, name: str, pred: Callable[[dict[str, Any]], bool] = lambda e: True,
                  timeout: float = 60.0, count: int = 1) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

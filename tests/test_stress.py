@@ -388,8 +388,7 @@ def _daemon_flood(root: Path, n: int, rate: int | None) -> dict[str, Any]:
     log.touch()
     d = sd.Daemon(sd.write_config(root, log))
     try:
-        d.wait_for("daemon_ready")
-        sd.wait_until(lambda: os.path.exists(d.socket), what="control socket")
+        d.wait_ready()
         ready_rss = d.rss()
         base = time.time() - spread - 30
         offender_times: list[int] = []
@@ -516,8 +515,7 @@ def test_100000_bans_daemon_memory_and_set_lookup(figures: sd.Figures, scratch: 
             netns.Prober(p.client) as probe:
         d = sd.Daemon(cfg, p.server)
         try:
-            d.wait_for("daemon_ready")
-            sd.wait_until(lambda: os.path.exists(d.socket), what="control socket")
+            d.wait_ready()
             empty = {"v4": _latency(lat, p.server4, p.client4), "v6": _latency(lat, p.server6, p.client6)}
             rss_empty = d.rss()
             t = time.monotonic()
@@ -710,8 +708,7 @@ def test_full_state_filesystem_still_bans_says_so_and_recovers(figures: sd.Figur
         holder = Holder(ns, state, "3m")
         try:
             d = sd.Daemon(cfg, prefix=holder.prefix)
-            d.wait_for("daemon_ready")
-            sd.wait_until(lambda: os.path.exists(d.socket), what="control socket")
+            d.wait_ready()
             with log.open("a") as fh:
                 fh.write("".join(sd.no_commands(_innocent(k)) for k in range(200)))
                 fh.write(sd.relay_denied(before, 1) + sd.relay_denied(before, 2))
@@ -783,8 +780,7 @@ def test_corrupt_database_is_moved_aside_and_rebuilt_from_the_kernel(figures: sd
     with namespace("corrupt") as ns:
         d = sd.Daemon(cfg, ns)
         try:
-            d.wait_for("daemon_ready")
-            sd.wait_until(lambda: os.path.exists(d.socket), what="control socket")
+            d.wait_ready()
             d.request("ban", addrs=manual, seconds=7200, reason="before the damage")
             with log.open("a") as fh:
                 fh.write("".join(sd.relay_denied(a, n) for n in range(2) for a in auto))
@@ -838,8 +834,7 @@ def test_nft_table_deleted_or_flushed_is_restored(figures: sd.Figures, scratch: 
     with namespace("tamper") as ns:
         d = sd.Daemon(cfg, ns)
         try:
-            d.wait_for("daemon_ready")
-            sd.wait_until(lambda: os.path.exists(d.socket), what="control socket")
+            d.wait_ready()
             d.request("ban", addrs=manual, seconds=7200, reason="before tampering")
             with log.open("a") as fh:
                 fh.write(sd.relay_denied(auto, 1) + sd.relay_denied(auto, 2))
@@ -883,8 +878,7 @@ def test_log_file_deleted_replaced_unreadable_with_the_daemon(figures: sd.Figure
 
     d = sd.Daemon(cfg, prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"))
     try:
-        d.wait_for("daemon_ready")
-        sd.wait_until(lambda: os.path.exists(d.socket), what="control socket")
+        d.wait_ready()
         offend(log, offenders["following"])
         d.wait_for("ban_applied", lambda e: e["addr"] == offenders["following"])
 
@@ -958,8 +952,7 @@ def test_control_socket_under_fuzz_and_slow_clients(figures: sd.Figures, scratch
         root = scratch("control")
         d = sd.Daemon(sd.write_config(root, None, socket_group=group))
         try:
-            d.wait_for("daemon_ready")
-            sd.wait_until(lambda: os.path.exists(d.socket), what="control socket")
+            d.wait_ready()
             for _ in range(20):
                 d.request("status")
             rss = {"start": d.rss()}
